@@ -1,0 +1,92 @@
+"""Plain data shared by Host, Guest, the domain cache and the reconciler.
+
+Nothing here does I/O or imports libvirt or kopf: these are the values that cross module
+boundaries, so each module can be tested alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DOMAIN_STATES = (
+    "nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "pmsuspended",
+)
+"""libvirt's virDomainState values, by index, as the status reports them."""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """How one agent is configured; passed in, never read from the environment inside Host/Guest."""
+
+    libvirt_uri: str = "qemu:///system"
+    node_name: str = "localhost"
+    domain_type: str = "qemu"
+    allowed_roots: tuple[Path, ...] = (Path("/var/lib/libvirt"),)
+    storage_pool: str = "default"
+    storage_pool_path: Path = Path("/var/lib/libvirt/images")
+    state_dir: Path = Path("/var/lib/libvirt/libvirt-operator")
+    console_log_dir: Path = Path("/var/log/libvirt/libvirt-operator")
+    ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+    ovmf_vars_template: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+@dataclass(frozen=True)
+class VMRef:
+    """The identity of one VirtualMachine object; the domain UUID is `uid`."""
+
+    uid: str
+    namespace: str
+    name: str
+
+    @property
+    def domain_name(self) -> str:
+        return f"{self.namespace}_{self.name}"
+
+
+@dataclass(frozen=True)
+class OwnerMetadata:
+    """What the operator's <metadata> element in a domain's XML says."""
+
+    uid: str
+    namespace: str
+    name: str
+    generation: int
+    spec_hash: str
+
+
+@dataclass(frozen=True)
+class InterfaceFacts:
+    """One interface of a domain as its XML and libvirt's address sources tell it."""
+
+    name: str
+    mac_address: str
+    ip_addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DomainSnapshot:
+    """One domain as libvirt answered at one moment, stamped with a cache revision.
+
+    `revision` comes from one monotonic counter shared by every snapshot the cache stores, so a
+    snapshot read earlier always has a smaller revision than one read later (seed 004).
+    `live_owner` is the metadata of the running definition (None when the domain is inactive),
+    `config_owner` that of the persistent definition: they differ when a redefinition waits for
+    the next boot.
+    """
+
+    uuid: str
+    name: str
+    revision: int
+    state: str
+    reason: str
+    id: int | None
+    persistent: bool
+    config_owner: OwnerMetadata | None
+    live_owner: OwnerMetadata | None = None
+    interfaces: tuple[InterfaceFacts, ...] = ()
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.id is not None and self.state != "shutoff"
