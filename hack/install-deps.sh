@@ -28,7 +28,7 @@ stamp="$venv/.installed-$(cat "$repo/pyproject.toml" "$repo/requirements.lock" |
 if [ ! -f "$stamp" ]; then
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q -r "$repo/requirements.lock"
-  "$venv/bin/pip" install -q --no-deps -e "$repo"
+  "$venv/bin/pip" install -q --no-deps -e "$repo[test]"
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi

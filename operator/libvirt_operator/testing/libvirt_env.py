@@ -1,0 +1,306 @@
+"""A real libvirt for tests, benchmarks and the demo.
+
+`running_libvirtd()` starts `virtlogd` and `libvirtd` (system mode, as root) when none answers
+on qemu:///system, with the QEMU settings this sandboxed machine needs, and stops what it
+started. `build_guest_image()` makes a tiny bootable guest from Debian's cloud kernel and a
+busybox initramfs, cached outside the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SYSTEM_URI = "qemu:///system"
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+QEMU_SETTINGS = {
+    "user": '"root"',
+    "group": '"root"',
+    "security_driver": '"none"',
+    "cgroup_controllers": "[ ]",
+}
+DEFAULT_POOL = "default"
+DEFAULT_POOL_PATH = Path("/var/lib/libvirt/images")
+GUEST_CACHE = Path("/var/lib/libvirt/boot/libvirt-operator-tests")
+GUEST_MODULES = (
+    "virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "sr_mod", "ahci", "isofs",
+    "button", "evdev", "virtio_net",
+)
+BOOT_MARKER = "LVO-GUEST-BOOTED"
+
+
+def _virsh(*args: str, uri: str = SYSTEM_URI, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True, check=check, timeout=60)
+
+
+def libvirtd_answers(uri: str = SYSTEM_URI) -> bool:
+    try:
+        return _virsh("version", uri=uri, check=False).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _configure_qemu() -> None:
+    lines = QEMU_CONF.read_text().splitlines() if QEMU_CONF.exists() else []
+    kept = [line for line in lines if line.split("=")[0].strip() not in QEMU_SETTINGS]
+    QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
+    QEMU_CONF.write_text("\n".join(kept + [f"{k} = {v}" for k, v in QEMU_SETTINGS.items()]) + "\n")
+    for group in ("kvm", "libvirt-qemu"):
+        if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
+            subprocess.run(["groupadd", "--system", group], check=True)
+    if subprocess.run(["id", "libvirt-qemu"], capture_output=True).returncode != 0:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "-g", "libvirt-qemu", "-G", "kvm", "libvirt-qemu"], check=True,
+        )
+    for d in ("/var/run/libvirt", "/var/lib/libvirt/qemu", "/var/log/libvirt/qemu", "/var/cache/libvirt"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+
+
+def _pids(name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def start_daemons() -> None:
+    """Starts virtlogd and libvirtd as daemons and waits until qemu:///system answers."""
+    _configure_qemu()
+    if not Path("/run/libvirt/virtlogd-sock").exists():
+        for pid in _pids("virtlogd"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["virtlogd", "-d"], check=True)
+    if not _pids("libvirtd"):
+        subprocess.run(["libvirtd", "-d"], check=True)
+    deadline = time.monotonic() + 30
+    while not libvirtd_answers():
+        if time.monotonic() > deadline:
+            raise RuntimeError("libvirtd did not answer on qemu:///system within 30 s")
+        time.sleep(0.2)
+
+
+def stop_daemons() -> None:
+    for name in ("libvirtd", "virtlogd"):
+        for pid in _pids(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while (_pids("libvirtd") or _pids("virtlogd")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def kill_libvirtd() -> None:
+    """`kill -9` of libvirtd, as a crash would; QEMU guests keep running."""
+    for pid in _pids("libvirtd"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _pids("libvirtd") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def restart_libvirtd() -> None:
+    kill_libvirtd()
+    start_daemons()
+
+
+def ensure_storage_pool(name: str = DEFAULT_POOL, path: Path = DEFAULT_POOL_PATH) -> None:
+    """Defines and starts a directory pool, as `virsh pool-define-as NAME dir` would."""
+    path.mkdir(parents=True, exist_ok=True)
+    info = _virsh("pool-info", name, check=False)
+    if info.returncode != 0:
+        _virsh("pool-define-as", name, "dir", "--target", str(path))
+        _virsh("pool-autostart", name)
+    if "State:          running" not in _virsh("pool-info", name).stdout:
+        _virsh("pool-start", name)
+
+
+@contextlib.contextmanager
+def running_libvirtd() -> Iterator[str]:
+    """Yields qemu:///system; starts the daemons when none answer and stops them afterwards."""
+    started = not libvirtd_answers()
+    if started:
+        start_daemons()
+    ensure_storage_pool()
+    try:
+        yield SYSTEM_URI
+    finally:
+        if started:
+            stop_daemons()
+
+
+def test_driver_domain_names(uri: str) -> set[str]:
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        return {d.name() for d in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+def remove_test_driver_domains(uri: str, keep: set[str]) -> None:
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name() in keep:
+                continue
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefine()
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A kernel, an initramfs whose init reports what it sees, and a base disk with a marker.
+
+    The init prints `LVO-GUEST-BOOTED <lvo.marker>` on the serial console, then
+    `LVO-DISK <dev> <first 64 printable bytes>` for every block device, `LVO-CIDATA <first line
+    of user-data>` for an ISO9660 seed labelled cidata, and powers off after `lvo.poweroff=N`
+    seconds when given; an ACPI power button press powers it off at once.
+    """
+
+    kernel: Path
+    initrd: Path
+    disk: Path
+    disk_marker: str
+
+    def cmdline(self, marker: str = "", poweroff_after: int | None = None) -> str:
+        parts = ["console=ttyS0", "quiet", "panic=-1"]
+        if marker:
+            parts.append(f"lvo.marker={marker}")
+        if poweroff_after is not None:
+            parts.append(f"lvo.poweroff={poweroff_after}")
+        return " ".join(parts)
+
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /etc/modules-order); do insmod "/lib/modules/$m" 2>/dev/null; done
+marker=""; poweroff_after=""
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    lvo.marker=*) marker="${arg#lvo.marker=}" ;;
+    lvo.poweroff=*) poweroff_after="${arg#lvo.poweroff=}" ;;
+  esac
+done
+echo "LVO-GUEST-BOOTED $marker" > /dev/ttyS0
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -d /etc/acpi >/dev/null 2>&1 &
+sleep 1
+mkdir -p /mnt
+for path in /sys/block/vd* /sys/block/sd* /sys/block/sr*; do
+  [ -e "$path" ] || continue
+  dev="${path##*/}"
+  echo "LVO-DISK $dev $(head -c 64 "/dev/$dev" | tr -cd 'A-Za-z0-9._ -')" > /dev/ttyS0
+  if mount -t iso9660 -o ro "/dev/$dev" /mnt 2>/dev/null; then
+    [ -f /mnt/user-data ] && echo "LVO-CIDATA $(head -n 1 /mnt/user-data)" > /dev/ttyS0
+    umount /mnt
+  fi
+done
+echo "LVO-GUEST-READY $marker" > /dev/ttyS0
+if [ -n "$poweroff_after" ]; then
+  sleep "$poweroff_after"
+  echo "LVO-GUEST-POWEROFF $marker" > /dev/ttyS0
+  poweroff -f
+fi
+while true; do sleep 3600; done
+"""
+
+
+def _module_order(kernel_release: str, wanted: tuple[str, ...]) -> list[str]:
+    """The .ko paths to load for `wanted`, dependencies first, from modules.dep."""
+    moddir = Path("/lib/modules") / kernel_release
+    deps: dict[str, list[str]] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        target, _, rest = line.partition(":")
+        deps[target] = rest.split()
+    by_name = {Path(p).name.removesuffix(".ko"): p for p in deps}
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for dep in reversed(deps.get(path, [])):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        if name in by_name:
+            visit(by_name[name])
+    return order
+
+
+def _cloud_kernel() -> tuple[str, Path]:
+    kernels = sorted(Path("/boot").glob("vmlinuz-*-cloud-amd64"))
+    if not kernels:
+        raise RuntimeError("no Debian cloud kernel in /boot: install linux-image-cloud-amd64")
+    kernel = kernels[-1]
+    return kernel.name.removeprefix("vmlinuz-"), kernel
+
+
+def _write_initramfs(kernel_release: str, target: Path, workdir: Path) -> None:
+    root = workdir / "root"
+    for d in ("bin", "dev", "proc", "sys", "etc", "mnt", "lib/modules"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/bin/busybox", root / "bin/busybox")
+    order = _module_order(kernel_release, GUEST_MODULES)
+    for rel in order:
+        shutil.copy2(Path("/lib/modules") / kernel_release / rel, root / "lib/modules" / Path(rel).name)
+    (root / "etc/modules-order").write_text("\n".join(Path(rel).name for rel in order) + "\n")
+    init = root / "init"
+    init.write_text(INIT_SCRIPT)
+    init.chmod(0o755)
+    names = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True).stdout
+    archive = subprocess.run(
+        ["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(), capture_output=True, check=True,
+    ).stdout
+    target.write_bytes(gzip.compress(archive, mtime=0))
+
+
+def _write_base_disk(target: Path, marker: str, workdir: Path) -> None:
+    raw = workdir / "disk.raw"
+    with raw.open("wb") as f:
+        f.write(marker.encode().ljust(64, b" "))
+        f.truncate(8 * 1024 * 1024)
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(target)], check=True)
+
+
+def build_guest_image(cache: Path = GUEST_CACHE) -> GuestImage:
+    """Builds (once per machine and kernel) the guest image under `cache` and returns it."""
+    release, kernel = _cloud_kernel()
+    key = hashlib.sha256((release + INIT_SCRIPT + ",".join(GUEST_MODULES)).encode()).hexdigest()[:12]
+    out = cache / key
+    marker = f"LVO-BASE-DISK-{key}"
+    image = GuestImage(out / "vmlinuz", out / "initrd.img", out / "base.qcow2", marker)
+    if image.disk.exists():
+        return image
+    work = cache / f"{key}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shutil.copy2(kernel, work / "vmlinuz")
+    _write_initramfs(release, work / "initrd.img", work)
+    _write_base_disk(work / "base.qcow2", marker, work)
+    shutil.rmtree(work / "root")
+    (work / "disk.raw").unlink()
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)
+    return image
