@@ -1,0 +1,121 @@
+"""Every Kubernetes write the agent makes goes through here, counted by verb and resource.
+
+The `kubernetes` client is synchronous: each call runs in a worker thread, never on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+from collections import Counter
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from libvirt_operator import API_GROUP, API_VERSION, PLURAL
+
+FINALIZER = f"{API_GROUP}/domain"
+NODE_PLURAL = "libvirtnodes"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning status `old` into `new`; empty when nothing changes."""
+    patch: dict[str, Any] = {key: value for key, value in new.items() if old.get(key) != value}
+    patch.update({key: None for key in old if key not in new})
+    return patch
+
+
+class KubeClient:
+    """Counted access to the VirtualMachine API, Secrets, Events and the agents' LibvirtNodes."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient, component: str, node_name: str) -> None:
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.component = component
+        self.node_name = node_name
+        self.writes: Counter[tuple[str, str]] = Counter()
+
+    @classmethod
+    def from_environment(cls, component: str, node_name: str, kubeconfig: str | None = None) -> KubeClient:
+        if kubeconfig:
+            kubernetes.config.load_kube_config(config_file=kubeconfig)
+        else:
+            try:
+                kubernetes.config.load_incluster_config()
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()
+        configuration = kubernetes.client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = 32
+        return cls(kubernetes.client.ApiClient(configuration), component, node_name)
+
+    async def _write(self, verb: str, resource: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        self.writes[(verb, resource)] += 1
+        return await asyncio.to_thread(call, *args, **kwargs)
+
+    async def patch_vm_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self._write(
+            "patch", "virtualmachines/status", self.custom.patch_namespaced_custom_object_status,
+            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch},
+        )
+
+    async def set_finalizers(self, namespace: str, name: str, finalizers: list[str], resource_version: str) -> dict[str, Any]:
+        """Replaces the finalizer list, failing with 409 if the object changed since it was read."""
+        body = {"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}}
+        return await self._write(
+            "patch", "virtualmachines", self.custom.patch_namespaced_custom_object,
+            API_GROUP, API_VERSION, namespace, PLURAL, name, body,
+        )
+
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
+        """One Secret's key, read with `get` only (the agent never lists or watches Secrets)."""
+        try:
+            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        value = (secret.data or {}).get(key)
+        return None if value is None else base64.b64decode(value).decode()
+
+    async def post_event(self, involved: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        meta = involved["metadata"]
+        timestamp = now_iso()
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "VirtualMachine",
+                "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+            },
+            "type": event_type, "reason": reason, "message": message[:1024],
+            "source": {"component": self.component, "host": self.node_name},
+            "reportingComponent": self.component, "reportingInstance": self.node_name,
+            "firstTimestamp": timestamp, "lastTimestamp": timestamp, "count": 1,
+        }
+        try:
+            await self._write("create", "events", self.core.create_namespaced_event, meta["namespace"], body)
+        except ApiException:
+            pass  # an Event is a courtesy: losing one must not stop a reconcile
+
+    async def list_nodes(self) -> list[dict[str, Any]]:
+        result = await asyncio.to_thread(self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, NODE_PLURAL)
+        return result.get("items", [])
+
+    async def announce_node(self, status: dict[str, Any]) -> None:
+        """Creates this agent's LibvirtNode if missing and writes its heartbeat and capacity."""
+        try:
+            await self._write("patch", "libvirtnodes/status", self.custom.patch_cluster_custom_object_status,
+                              API_GROUP, API_VERSION, NODE_PLURAL, self.node_name, {"status": status})
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "LibvirtNode",
+                    "metadata": {"name": self.node_name}}
+            await self._write("create", "libvirtnodes", self.custom.create_cluster_custom_object,
+                              API_GROUP, API_VERSION, NODE_PLURAL, body)
+            await self.announce_node(status)
