@@ -151,7 +151,7 @@ class ControlPlane:
         cmd = [str(self.kubectl_path()), f"--kubeconfig={kubeconfig or self.admin_kubeconfig}", *args]
         result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, cmd, result.stdout, result.stderr)
+            raise KubectlError(result.returncode, cmd, result.stdout, result.stderr)
         return result
 
     def service_account_kubeconfig(self, namespace: str, name: str) -> Path:
@@ -270,6 +270,11 @@ class ControlPlane:
         }
         path.write_text(json.dumps(config, indent=2))
         path.chmod(0o600)
+
+
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.stderr}"
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,79 @@
+"""The operator's mark in a domain's XML, and the few XML facts the cache keeps.
+
+A domain is this operator's only if its `<metadata>` holds an element in the operator's
+namespace naming the VirtualMachine:
+
+    <metadata>
+      <lvo:vm xmlns:lvo="https://libvirt-operator.io/xmlns/domain/v1"
+              uid="..." namespace="..." name="..." generation="3" specHash="..."/>
+    </metadata>
+
+Interfaces carry the spec's name as a user alias (`<alias name="ua-NAME"/>`).
+"""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from libvirt_operator import METADATA_NAMESPACE, METADATA_PREFIX
+from libvirt_operator.model import InterfaceFacts, OwnerMetadata
+
+OWNER_TAG = f"{{{METADATA_NAMESPACE}}}vm"
+INTERFACE_ALIAS_PREFIX = "ua-"
+
+
+def owner_element(owner: OwnerMetadata) -> etree._Element:
+    """The `<lvo:vm>` element for `owner`, to place under a domain's `<metadata>`."""
+    element = etree.Element(OWNER_TAG, nsmap={METADATA_PREFIX: METADATA_NAMESPACE})
+    element.set("uid", owner.uid)
+    element.set("namespace", owner.namespace)
+    element.set("name", owner.name)
+    element.set("generation", str(owner.generation))
+    element.set("specHash", owner.spec_hash)
+    return element
+
+
+def owner_xml(owner: OwnerMetadata) -> str:
+    """`owner_element` as text, the form `virDomainSetMetadata` takes."""
+    return etree.tostring(owner_element(owner), encoding="unicode")
+
+
+def owner_from_element(element: etree._Element) -> OwnerMetadata | None:
+    """Reads an `<lvo:vm>` element; None when it is not a complete mark."""
+    if element.tag != OWNER_TAG:
+        return None
+    try:
+        return OwnerMetadata(
+            uid=element.attrib["uid"],
+            namespace=element.attrib["namespace"],
+            name=element.attrib["name"],
+            generation=int(element.attrib["generation"]),
+            spec_hash=element.attrib["specHash"],
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def parse(xml: str) -> etree._Element:
+    return etree.fromstring(xml.encode(), parser=etree.XMLParser(resolve_entities=False, no_network=True))
+
+
+def owner_from_domain(root: etree._Element) -> OwnerMetadata | None:
+    """The mark in a parsed domain XML, or None for a foreign domain."""
+    for element in root.iterfind(f"metadata/{OWNER_TAG}"):
+        owner = owner_from_element(element)
+        if owner is not None:
+            return owner
+    return None
+
+
+def interfaces_from_domain(root: etree._Element) -> tuple[InterfaceFacts, ...]:
+    """Each interface's spec name (from its user alias, else `netN`) and MAC address."""
+    facts = []
+    for index, interface in enumerate(root.iterfind("devices/interface")):
+        alias = interface.find("alias")
+        alias_name = alias.get("name", "") if alias is not None else ""
+        name = alias_name[len(INTERFACE_ALIAS_PREFIX):] if alias_name.startswith(INTERFACE_ALIAS_PREFIX) else f"net{index}"
+        mac = interface.find("mac")
+        facts.append(InterfaceFacts(name=name, mac_address=mac.get("address", "") if mac is not None else ""))
+    return tuple(facts)

@@ -1,0 +1,123 @@
+"""The VirtualMachine CRD on a real API server: bad specs are refused at admission, naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+Kubectl = Callable[..., subprocess.CompletedProcess[str]]
+CRD = Path(__file__).parent.parent / "crds" / "virtualmachine.yaml"
+NAMESPACE = "admission"
+
+
+@pytest.fixture(scope="module")
+def vm_crd(kubectl: Kubectl) -> Kubectl:
+    kubectl("apply", "-f", str(CRD))
+    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io", "--timeout=30s")
+    kubectl("create", "namespace", NAMESPACE, check=False)
+    return kubectl
+
+
+def manifest(name: str, **spec: object) -> str:
+    body = {"memory": "64Mi", **spec}
+    return yaml.safe_dump({"apiVersion": "libvirt-operator.io/v1alpha1", "kind": "VirtualMachine",
+                           "metadata": {"name": name, "namespace": NAMESPACE}, "spec": body})
+
+
+def server_dry_run(kubectl: Kubectl, text: str) -> subprocess.CompletedProcess[str]:
+    return kubectl("apply", "--dry-run=server", "-f", "-", input=text, check=False)
+
+
+REJECTED = {
+    "wrong-type": ({"cpu": {"cores": "two"}}, 'spec.cpu.cores: Invalid value: "string": spec.cpu.cores in body must be of type integer'),
+    "unknown-enum": ({"runStrategy": "Sometimes"}, 'spec.runStrategy: Unsupported value: "Sometimes": supported values: "Always", "Halted", "Manual", "RerunOnFailure", "Once"'),
+    "zero-cores": ({"cpu": {"cores": 0}}, "spec.cpu.cores: Invalid value: 0: spec.cpu.cores in body should be greater than or equal to 1"),
+    "small-memory": ({"memory": "8Mi"}, "spec.memory: Invalid value: \"\": memory must be a quantity of at least 16Mi"),
+    "small-memory-int": ({"memory": 1024}, "spec.memory: Invalid value: \"\": memory must be a quantity of at least 16Mi"),
+    "zero-disk": ({"disks": [{"name": "data", "emptyDisk": {"size": "0"}}]}, 'spec.disks[0].emptyDisk.size: Invalid value: "0"' ),
+    "two-sources": ({"disks": [{"name": "root", "image": {"path": "/var/lib/libvirt/images/a.qcow2"},
+                                "emptyDisk": {"size": "1Gi"}}]},
+                    "spec.disks[0]: Invalid value: \"object\": each disk needs exactly one source"),
+    "no-source": ({"disks": [{"name": "root"}]}, "each disk needs exactly one source"),
+    "duplicate-disks": ({"disks": [{"name": "root", "emptyDisk": {"size": "1Gi"}},
+                                   {"name": "root", "emptyDisk": {"size": "2Gi"}}]},
+                        'spec.disks[1]: Duplicate value: map[string]interface {}{"name":"root"}'),
+    "duplicate-boot-order": ({"disks": [{"name": "a", "bootOrder": 1, "emptyDisk": {"size": "1Gi"}},
+                                        {"name": "b", "bootOrder": 1, "emptyDisk": {"size": "1Gi"}}]},
+                             "disks[].bootOrder values must be unique"),
+    "two-backends": ({"interfaces": [{"name": "net", "network": "default", "bridge": "br0"}]},
+                     "spec.interfaces[0]: Invalid value: \"object\": each interface needs exactly one of network, bridge or user"),
+    "duplicate-interfaces": ({"interfaces": [{"name": "a", "network": "default"}, {"name": "a", "user": {}}]},
+                             'spec.interfaces[1]: Duplicate value: map[string]interface {}{"name":"a"}'),
+    "bad-mac": ({"interfaces": [{"name": "a", "user": {}, "macAddress": "52:54:00:zz:00:01"}]},
+                'spec.interfaces[0].macAddress: Invalid value: "52:54:00:zz:00:01"'),
+    "bad-checksum-format": ({"disks": [{"name": "os", "http": {"url": "http://x/y.qcow2", "sha256": "abc"}}]},
+                            "spec.disks[0].http.sha256: Invalid value: \"abc\""),
+    "model-without-custom": ({"cpu": {"model": "qemu64"}}, "cpu.model is only allowed with cpu.mode: custom"),
+    "two-userdata": ({"disks": [{"name": "seed", "cloudInit": {"userData": "x", "userDataSecretRef": {"name": "s"}}}]},
+                     "cloudInit needs exactly one of userData or userDataSecretRef"),
+    "negative-grace": ({"terminationGracePeriodSeconds": -1},
+                       "spec.terminationGracePeriodSeconds: Invalid value: -1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTED))
+def test_bad_spec_is_rejected_naming_the_field(vm_crd: Kubectl, case: str) -> None:
+    spec, expected = REJECTED[case]
+    result = server_dry_run(vm_crd, manifest(f"bad-{case}", **spec))
+    assert result.returncode != 0, result.stdout
+    assert f'The VirtualMachine "bad-{case}" is invalid' in result.stderr
+    assert expected in result.stderr
+
+
+def test_missing_memory_is_rejected(vm_crd: Kubectl) -> None:
+    text = manifest("no-memory").replace("memory: 64Mi", "runStrategy: Always")
+    result = server_dry_run(vm_crd, text)
+    assert 'spec.memory: Required value' in result.stderr
+
+
+def test_full_spec_is_admitted_with_defaults(vm_crd: Kubectl) -> None:
+    text = manifest(
+        "full", runStrategy="RerunOnFailure", paused=False, updateStrategy="Restart", nodeName="node-a",
+        domainType="qemu", cpu={"cores": 2, "sockets": 1, "threads": 1, "mode": "custom", "model": "qemu64"},
+        memory="1Gi", firmware="uefi", terminationGracePeriodSeconds=5,
+        kernelBoot={"kernel": "/var/lib/libvirt/boot/vmlinuz", "initrd": "/var/lib/libvirt/boot/initrd.img",
+                    "cmdline": "console=ttyS0"},
+        disks=[{"name": "root", "bus": "virtio", "bootOrder": 1,
+                "image": {"path": "/var/lib/libvirt/images/debian.qcow2", "clone": True}},
+               {"name": "data", "emptyDisk": {"size": "10Gi"}},
+               {"name": "seed", "cloudInit": {"userDataSecretRef": {"name": "web-userdata"}}},
+               {"name": "shared", "bus": "scsi", "readOnly": True, "volume": {"pool": "default", "name": "shared"}},
+               {"name": "os", "bus": "sata", "http": {"url": "http://images.example/debian.qcow2", "sha256": "a" * 64}}],
+        interfaces=[{"name": "default", "network": "default", "macAddress": "52:54:00:12:34:56"},
+                    {"name": "lan", "bridge": "br0", "model": "e1000"}, {"name": "out", "user": {}}],
+        console={"log": True},
+    )
+    vm_crd("apply", "-f", "-", input=text)
+    stored = yaml.safe_load(vm_crd("get", "vm", "full", "-n", NAMESPACE, "-o", "yaml").stdout)
+    assert stored["spec"]["disks"][1]["bus"] == "virtio"
+    assert stored["spec"]["interfaces"][0]["model"] == "virtio"
+    minimal = yaml.safe_load(server_dry_run(vm_crd, manifest("minimal")).stdout and
+                             vm_crd("apply", "--dry-run=server", "-o", "yaml", "-f", "-",
+                                    input=manifest("minimal")).stdout)
+    assert minimal["spec"]["runStrategy"] == "Always"
+    assert minimal["spec"]["cpu"] == {"cores": 1, "sockets": 1, "threads": 1}
+    assert minimal["spec"]["terminationGracePeriodSeconds"] == 30
+    vm_crd("delete", "vm", "full", "-n", NAMESPACE)
+
+
+def test_explain_reads_the_descriptions(vm_crd: Kubectl) -> None:
+    text = vm_crd("explain", "vm.spec.disks").stdout
+    assert "each with exactly one source" in text
+    assert "cloudInit" in text and "emptyDisk" in text
+
+
+def test_short_names_and_category(vm_crd: Kubectl) -> None:
+    for name in ("vm", "vms", "virtualmachines", "libvirt"):
+        assert vm_crd("get", name, "-n", NAMESPACE).returncode == 0
