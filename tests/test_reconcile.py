@@ -358,3 +358,10 @@ def test_every_state_converges_to_what_the_spec_asks(strategy: str, state: tuple
         assert end.state == ("paused" if paused else "running")
     if end.state == "running":
         assert not paused
+
+
+def test_a_running_domain_undefined_outside_is_defined_again() -> None:
+    transient = replace(snapshot(), persistent=False)
+    decision = decide(vm(status=running_since("Always", T0)), transient, T0, NODE)
+    assert kinds(decision) == ["define"]
+    assert "undefined outside the operator" in decision.actions[0].event.message

@@ -25,9 +25,16 @@ def now_iso() -> str:
 
 
 def status_merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning status `old` into `new`; empty when nothing changes."""
-    patch: dict[str, Any] = {key: value for key, value in new.items() if old.get(key) != value}
-    patch.update({key: None for key in old if key not in new})
+    """A JSON merge patch (RFC 7386) turning `old` into `new`; empty when nothing changes."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            patch[key] = status_merge_patch(before, value)
+        else:
+            patch[key] = value
     return patch
 
 

@@ -211,7 +211,8 @@ def _plan_deletion(vm: VMView, snapshot: DomainSnapshot | None, plan: _Plan) -> 
 
 
 def _definition_current(vm: VMView, snapshot: DomainSnapshot | None) -> bool:
-    return snapshot is not None and snapshot.config_owner is not None and \
+    """A persistent definition of the current spec (an undefined running domain is transient)."""
+    return snapshot is not None and snapshot.persistent and snapshot.config_owner is not None and \
         snapshot.config_owner.spec_hash == vm.spec_hash
 
 
@@ -225,6 +226,8 @@ def _plan_definition(vm: VMView, snapshot: DomainSnapshot | None, plan: _Plan) -
             plan.add("define", "Defined", "defined the domain")
         else:
             plan.add("define")
+    elif not snapshot.persistent:
+        plan.add("define", "Redefined", "the domain was undefined outside the operator; defined it again")
     else:
         plan.add("define", "Redefined", f"applied generation {vm.generation} to the domain definition")
 
