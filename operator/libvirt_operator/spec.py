@@ -1,0 +1,412 @@
+"""The VirtualMachine spec (DESIGN.md §1) as validated, frozen data.
+
+`parse_spec` takes the spec as the API server hands it over (camelCase, defaults possibly
+missing) and either returns a `VMSpec` or raises `SpecError` naming the offending field with
+a message that says what is allowed. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, Union
+
+MIN_MEMORY = 16 * 1024**2
+RUN_STRATEGIES = ("Always", "Halted", "Manual", "RerunOnFailure", "Once")
+UPDATE_STRATEGIES = ("OnRestart", "Restart")
+FIRMWARES = ("bios", "uefi")
+DOMAIN_TYPES = ("kvm", "qemu")
+CPU_MODES = ("host-model", "host-passthrough", "custom")
+BUSES = ("virtio", "sata", "scsi")
+NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
+DISK_SOURCES = ("image", "emptyDisk", "cloudInit", "volume", "http")
+INTERFACE_KINDS = ("network", "bridge", "user")
+RUNTIME_FIELDS = ("runStrategy", "paused", "updateStrategy", "terminationGracePeriodSeconds", "nodeName")
+"""Spec fields that steer the reconciler but do not change the domain definition."""
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_SUFFIXES = {
+    None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+_XML_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_MISSING = object()
+
+
+class SpecError(ValueError):
+    """A spec the operator cannot apply; `field` is a path like `spec.disks[1].image.path`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CPU:
+    sockets: int = 1
+    cores: int = 1
+    threads: int = 1
+    mode: str | None = None
+    model: str | None = None
+
+    @property
+    def vcpus(self) -> int:
+        return self.sockets * self.cores * self.threads
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    kernel: str
+    initrd: str | None = None
+    cmdline: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    path: str
+    clone: bool = False
+
+
+@dataclass(frozen=True)
+class EmptyDiskSource:
+    size: int
+
+
+@dataclass(frozen=True)
+class CloudInitSource:
+    user_data: str | None = None
+    user_data_secret: str | None = None
+    network_data: str | None = None
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    pool: str
+    name: str
+
+
+@dataclass(frozen=True)
+class HttpSource:
+    url: str
+    sha256: str
+
+
+DiskSource = Union[ImageSource, EmptyDiskSource, CloudInitSource, VolumeSource, HttpSource]
+
+
+@dataclass(frozen=True)
+class Disk:
+    name: str
+    source: DiskSource
+    bus: str
+    boot_order: int | None = None
+    read_only: bool = False
+
+    @property
+    def source_key(self) -> str:
+        """The spec's key for this disk's source, e.g. `emptyDisk`."""
+        return _SOURCE_KEYS[type(self.source)]
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    kind: str
+    source: str | None
+    model: str = "virtio"
+    mac_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Console:
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    memory: int
+    cpu: CPU = CPU()
+    firmware: str = "bios"
+    kernel_boot: KernelBoot | None = None
+    disks: tuple[Disk, ...] = ()
+    interfaces: tuple[Interface, ...] = ()
+    console: Console = Console()
+    domain_type: str | None = None
+    run_strategy: str = "Always"
+    paused: bool = False
+    update_strategy: str = "OnRestart"
+    node_name: str | None = None
+    termination_grace_period_seconds: int = 30
+
+
+_SOURCE_KEYS: dict[type, str] = {
+    ImageSource: "image", EmptyDiskSource: "emptyDisk", CloudInitSource: "cloudInit",
+    VolumeSource: "volume", HttpSource: "http",
+}
+
+
+def parse_quantity(value: Any, field: str) -> int:
+    """A Kubernetes quantity (`512Mi`, `1.5Gi`, `2G`, `1048576`) as whole bytes, rounded up."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _QUANTITY.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise SpecError(field, f"{value!r} is not a quantity; write e.g. 512Mi, 1.5Gi, 2G or a number of bytes")
+    try:
+        amount = Decimal(match.group(1)) * _SUFFIXES[match.group(2)]
+    except InvalidOperation as error:
+        raise SpecError(field, f"{value!r} is not a quantity") from error
+    return math.ceil(amount)
+
+
+class _Object:
+    """One JSON object of the spec at `path`, read field by field with errors naming the field."""
+
+    def __init__(self, data: Any, path: str, allowed: Sequence[str]) -> None:
+        if not isinstance(data, Mapping):
+            raise SpecError(path, f"must be an object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise SpecError(f"{path}.{unknown[0]}", f"unknown field; allowed here: {', '.join(allowed)}")
+        self.data = data
+        self.path = path
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}"
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.data.get(key)
+        if value is None:
+            if default is _MISSING:
+                raise SpecError(self.at(key), "is required")
+            return default
+        return value
+
+    def string(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.raw(key, default)
+        if value is default:
+            return value
+        if not isinstance(value, str) or not value:
+            raise SpecError(self.at(key), f"must be a non-empty string, got {value!r}")
+        if _XML_UNSAFE.search(value):
+            raise SpecError(self.at(key), "contains control characters; only tab, newline and printable text are allowed")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise SpecError(self.at(key), f"must be true or false, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: Any = _MISSING, minimum: int = 0) -> Any:
+        value = self.raw(key, default)
+        if value is default:
+            return value
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise SpecError(self.at(key), f"must be a whole number of at least {minimum}, got {value!r}")
+        return value
+
+    def choice(self, key: str, allowed: Sequence[str], default: Any = _MISSING) -> Any:
+        value = self.raw(key, default)
+        if value is not default and value not in allowed:
+            raise SpecError(self.at(key), f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    def child(self, key: str, allowed: Sequence[str]) -> _Object:
+        return _Object(self.raw(key, {}), self.at(key), allowed)
+
+    def items(self, key: str) -> list[Any]:
+        value = self.raw(key, [])
+        if not isinstance(value, list):
+            raise SpecError(self.at(key), f"must be a list, got {type(value).__name__}")
+        return value
+
+    def exactly_one(self, keys: Sequence[str]) -> str:
+        present = [key for key in keys if key in self.data]
+        if len(present) != 1:
+            found = f"found {', '.join(present)}" if present else "found none"
+            raise SpecError(self.path, f"needs exactly one of {', '.join(keys)}; {found}")
+        return present[0]
+
+
+def _name(obj: _Object, seen: set[str]) -> str:
+    name = obj.string("name")
+    if not _NAME.match(name):
+        raise SpecError(obj.at("name"), f"{name!r} must be a DNS label: lowercase letters, digits and '-', at most 63")
+    if name in seen:
+        raise SpecError(obj.at("name"), f"{name!r} is used twice; names must be unique")
+    seen.add(name)
+    return name
+
+
+def _cpu(spec: _Object) -> CPU:
+    obj = spec.child("cpu", ("sockets", "cores", "threads", "mode", "model"))
+    mode = obj.choice("mode", CPU_MODES, None)
+    model = obj.string("model", None)
+    if (model is None) != (mode != "custom"):
+        raise SpecError(obj.at("model"), "is required with mode custom and allowed only with it")
+    return CPU(
+        sockets=obj.integer("sockets", 1, minimum=1), cores=obj.integer("cores", 1, minimum=1),
+        threads=obj.integer("threads", 1, minimum=1), mode=mode, model=model,
+    )
+
+
+def _memory(spec: _Object) -> int:
+    memory = parse_quantity(spec.raw("memory"), spec.at("memory"))
+    if memory < MIN_MEMORY:
+        raise SpecError(spec.at("memory"), f"{memory} bytes is too small; give at least 16Mi")
+    return memory
+
+
+def _kernel_boot(spec: _Object) -> KernelBoot | None:
+    if not spec.has("kernelBoot"):
+        return None
+    obj = spec.child("kernelBoot", ("kernel", "initrd", "cmdline"))
+    return KernelBoot(kernel=obj.string("kernel"), initrd=obj.string("initrd", None), cmdline=obj.string("cmdline", None))
+
+
+def _image(obj: _Object) -> ImageSource:
+    return ImageSource(path=obj.string("path"), clone=obj.boolean("clone", False))
+
+
+def _empty_disk(obj: _Object) -> EmptyDiskSource:
+    size = parse_quantity(obj.raw("size"), obj.at("size"))
+    if size < 1024**2:
+        raise SpecError(obj.at("size"), f"{size} bytes is too small; give at least 1Mi")
+    return EmptyDiskSource(size=size)
+
+
+def _cloud_init(obj: _Object) -> CloudInitSource:
+    given = obj.exactly_one(("userData", "userDataSecretRef"))
+    network_data = obj.string("networkData", None)
+    if given == "userData":
+        return CloudInitSource(user_data=obj.string("userData"), network_data=network_data)
+    secret = obj.child("userDataSecretRef", ("name",)).string("name")
+    return CloudInitSource(user_data_secret=secret, network_data=network_data)
+
+
+def _volume(obj: _Object) -> VolumeSource:
+    return VolumeSource(pool=obj.string("pool"), name=obj.string("name"))
+
+
+def _http(obj: _Object) -> HttpSource:
+    url = obj.string("url")
+    if not url.startswith(("http://", "https://")):
+        raise SpecError(obj.at("url"), f"{url!r} must start with http:// or https://")
+    sha256 = obj.string("sha256").lower()
+    if not _SHA256.match(sha256):
+        raise SpecError(obj.at("sha256"), "must be 64 hexadecimal digits (the output of sha256sum)")
+    return HttpSource(url=url, sha256=sha256)
+
+
+_SOURCE_PARSERS = {
+    "image": (_image, ("path", "clone")),
+    "emptyDisk": (_empty_disk, ("size",)),
+    "cloudInit": (_cloud_init, ("userData", "userDataSecretRef", "networkData")),
+    "volume": (_volume, ("pool", "name")),
+    "http": (_http, ("url", "sha256")),
+}
+
+
+def _disk(obj: _Object, names: set[str], boot_orders: set[int]) -> Disk:
+    name = _name(obj, names)
+    key = obj.exactly_one(DISK_SOURCES)
+    parser, allowed = _SOURCE_PARSERS[key]
+    source = parser(obj.child(key, allowed))
+    boot_order = obj.integer("bootOrder", None, minimum=1)
+    if boot_order is not None and boot_order in boot_orders:
+        raise SpecError(obj.at("bootOrder"), f"{boot_order} is used by another disk; boot orders must be unique")
+    if boot_order is not None:
+        boot_orders.add(boot_order)
+    bus = obj.choice("bus", BUSES, "sata" if key == "cloudInit" else "virtio")
+    read_only = obj.boolean("readOnly", False)
+    if read_only and bus == "sata" and key != "cloudInit":
+        raise SpecError(obj.at("readOnly"), "QEMU cannot make a SATA disk read-only; use bus virtio or scsi")
+    return Disk(name=name, source=source, bus=bus, boot_order=boot_order, read_only=read_only or key == "cloudInit")
+
+
+def _interface(obj: _Object, names: set[str], macs: set[str]) -> Interface:
+    name = _name(obj, names)
+    kind = obj.exactly_one(INTERFACE_KINDS)
+    if kind == "user":
+        obj.child("user", ())
+        source = None
+    else:
+        source = obj.string(kind)
+    if kind == "bridge" and not _IFNAME.match(source):
+        raise SpecError(obj.at(kind), f"{source!r} is not a network interface name (at most 15 of A-Z a-z 0-9 _ . : -)")
+    mac = obj.string("macAddress", None)
+    if mac is not None:
+        mac = _mac(mac.lower(), obj.at("macAddress"), macs)
+    return Interface(name=name, kind=kind, source=source, model=obj.choice("model", NIC_MODELS, "virtio"), mac_address=mac)
+
+
+def _mac(mac: str, field: str, seen: set[str]) -> str:
+    if not _MAC.match(mac):
+        raise SpecError(field, f"{mac!r} is not a MAC address; write six hex pairs like 52:54:00:12:34:56")
+    if int(mac[:2], 16) & 1:
+        raise SpecError(field, f"{mac} is a multicast address; the first octet must be even (52:54:00:... is usual)")
+    if mac in seen:
+        raise SpecError(field, f"{mac} is used by another interface")
+    seen.add(mac)
+    return mac
+
+
+SPEC_FIELDS = (
+    "runStrategy", "paused", "updateStrategy", "nodeName", "domainType", "cpu", "memory", "firmware",
+    "kernelBoot", "terminationGracePeriodSeconds", "disks", "interfaces", "console",
+)
+DISK_FIELDS = ("name", "bus", "bootOrder", "readOnly", *DISK_SOURCES)
+INTERFACE_FIELDS = ("name", "model", "macAddress", *INTERFACE_KINDS)
+
+
+def parse_spec(data: Mapping[str, Any]) -> VMSpec:
+    """Validates a VirtualMachine `spec` and returns it with defaults filled in."""
+    spec = _Object(data, "spec", SPEC_FIELDS)
+    disk_names: set[str] = set()
+    boot_orders: set[int] = set()
+    disks = tuple(
+        _disk(_Object(item, f"spec.disks[{i}]", DISK_FIELDS), disk_names, boot_orders)
+        for i, item in enumerate(spec.items("disks"))
+    )
+    nic_names: set[str] = set()
+    macs: set[str] = set()
+    interfaces = tuple(
+        _interface(_Object(item, f"spec.interfaces[{i}]", INTERFACE_FIELDS), nic_names, macs)
+        for i, item in enumerate(spec.items("interfaces"))
+    )
+    return VMSpec(
+        memory=_memory(spec),
+        cpu=_cpu(spec),
+        firmware=spec.choice("firmware", FIRMWARES, "bios"),
+        kernel_boot=_kernel_boot(spec),
+        disks=disks,
+        interfaces=interfaces,
+        console=Console(log=spec.child("console", ("log",)).boolean("log", False)),
+        domain_type=spec.choice("domainType", DOMAIN_TYPES, None),
+        run_strategy=spec.choice("runStrategy", RUN_STRATEGIES, "Always"),
+        paused=spec.boolean("paused", False),
+        update_strategy=spec.choice("updateStrategy", UPDATE_STRATEGIES, "OnRestart"),
+        node_name=spec.string("nodeName", None),
+        termination_grace_period_seconds=spec.integer("terminationGracePeriodSeconds", 30),
+    )
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of the spec fields that shape the domain definition."""
+    shaping = {key: value for key, value in spec.items() if key not in RUNTIME_FIELDS}
+    canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
