@@ -1,6 +1,7 @@
 """The `libvirt-operator` command.
 
     libvirt-operator render FILE.yaml [--uid UID]   the domain XML a manifest gives, without libvirt
+    libvirt-operator run --libvirt-uri URI --node-name NAME ...   the agent
 
 Each subcommand is one entry in SUBCOMMANDS: a function adding its arguments and a function
 running it, returning the exit code.
@@ -21,6 +22,7 @@ from libvirt_operator import API_GROUP, KIND
 from libvirt_operator.guest import plan_disks, render
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.paths import confine_spec
+from libvirt_operator.runner import add_run_arguments, run
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
 
 EXIT_INVALID = 2
@@ -75,8 +77,9 @@ def _render(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "render": ("print the domain XML a VirtualMachine manifest gives, without libvirt", _add_render_arguments, _render),
+    "run": ("run the agent for one node", add_run_arguments, run),
 }
-"""name -> (help, add its arguments, run it). `run` (the agent) is added here."""
+"""name -> (help, add its arguments, run it)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,8 @@ ALIAS_PREFIX = INTERFACE_ALIAS_PREFIX
 SYS_CLASS_NET = Path("/sys/class/net")
 TARGET_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd"}
 UserDataLookup = Callable[[str], "str | None"]
+LIBVIRT_ERROR = libvirt.libvirtError
+"""What a failed libvirt call raises, for callers that must not import libvirt."""
 
 
 # --- Disks as the provisioning step resolved them -------------------------------------------------
@@ -728,6 +730,24 @@ def provision_and_define(
     return xml
 
 
+def apply_definition(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings,
+                     owner: OwnerMetadata, user_data_lookup: UserDataLookup) -> str:
+    """Defines the domain for `owner`'s generation, merged into the existing definition if there is one."""
+    existing = _lookup(lambda: conn.lookupByUUIDString(vm.uid), libvirt.VIR_ERR_NO_DOMAIN)
+    existing_xml = existing.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if existing is not None else None
+    return provision_and_define(conn, spec, vm, settings, generation=owner.generation, spec_hash=owner.spec_hash,
+                                user_data_lookup=user_data_lookup, existing_xml=existing_xml)
+
+
+def undefine_and_delete(conn: libvirt.virConnect, uuid: str, settings: AgentSettings) -> list[str]:
+    """Destroys and undefines the domain if it exists, then deletes the volumes it owns."""
+    dom = _lookup(lambda: conn.lookupByUUIDString(uuid), libvirt.VIR_ERR_NO_DOMAIN)
+    if dom is not None:
+        _unless_already(not dom.isActive(), dom.destroy)
+        undefine(conn, dom)
+    return delete_owned_volumes(conn, uuid, settings)
+
+
 def _domain(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain:
     return conn.lookupByUUIDString(uuid)
 
@@ -748,9 +768,10 @@ def _paused(dom: libvirt.virDomain) -> bool:
     return dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
 
 
-def start(conn: libvirt.virConnect, uuid: str) -> None:
+def start(conn: libvirt.virConnect, uuid: str, paused: bool = False) -> None:
     dom = _domain(conn, uuid)
-    _unless_already(dom.isActive(), dom.create)
+    flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+    _unless_already(dom.isActive(), lambda: dom.createWithFlags(flags))
 
 
 def shutdown(conn: libvirt.virConnect, uuid: str) -> None:

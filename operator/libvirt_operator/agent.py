@@ -1,0 +1,378 @@
+"""The agent: one per node, between the VirtualMachine API, the reconciler and libvirt.
+
+It keeps the latest body of every VirtualMachine (fed by the watch), wakes a per-VM work
+queue on a body change, a domain change (the cache's events) or the resync timer, and for each
+wake-up runs `reconcile.decide` until no action is left, then writes status once, only if it
+changed. Nothing here imports libvirt or kopf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from libvirt_operator import guest, nodes, reconcile
+from libvirt_operator.domains import DomainCache
+from libvirt_operator.host import Host, HostUnavailable
+from libvirt_operator.kube import FINALIZER, KubeClient, now_iso, status_merge_patch
+from libvirt_operator.model import AgentSettings, DomainSnapshot, OwnerMetadata, VMRef
+from libvirt_operator.spec import SpecError, VMSpec, parse_spec, spec_hash
+from libvirt_operator.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS = 4
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
+VOLATILE_STATUS = ("stats",)
+VOLATILE_DOMAIN = ("resourceVersion",)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    workers: int = 16
+    resync_seconds: float = 60.0
+    heartbeat_seconds: float = 20.0
+    stats_seconds: float = 600.0
+    stalled_retry_seconds: float = 60.0
+
+
+def _significant(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The status without what changes on its own (stats, snapshot revision)."""
+    kept = {key: value for key, value in status.items() if key not in VOLATILE_STATUS}
+    if isinstance(kept.get("domain"), dict):
+        kept["domain"] = {k: v for k, v in kept["domain"].items() if k not in VOLATILE_DOMAIN}
+    return kept
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, kube: KubeClient, host: Host, cache: DomainCache,
+                 tuning: Tuning = Tuning(), clock: Callable[[], datetime.datetime] | None = None) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.host = host
+        self.cache = cache
+        self.tuning = tuning
+        self.clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
+        self.bodies: dict[str, dict[str, Any]] = {}
+        self.queue = WorkQueue()
+        self.live_nodes: frozenset[str] = frozenset({settings.node_name})
+        self.retries: dict[str, float] = {}
+        self.stats_written: dict[str, float] = {}
+        self.reconciles = 0
+        self.reconcile_seconds = 0.0
+        self.started = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.host.start()
+        await self.cache.start()
+        self.cache.subscribe(self._domain_changed)
+        await self.heartbeat()
+        self._tasks = [asyncio.create_task(self.queue.serve(self.reconcile_safely))
+                       for _ in range(self.tuning.workers)]
+        self._tasks += [asyncio.create_task(self._every(self.tuning.resync_seconds, self.resync)),
+                        asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.heartbeat))]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.queue.close()
+        await self.cache.stop()
+        await self.host.stop()
+
+    @staticmethod
+    async def _every(seconds: float, job: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception:
+                log.exception("periodic %s failed", getattr(job, "__name__", job))
+
+    # --- wake-ups ----------------------------------------------------------------------
+
+    def observe(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """A watch event for a VirtualMachine (kopf's on.event)."""
+        uid = body["metadata"]["uid"]
+        if event_type == "DELETED":
+            self.bodies.pop(uid, None)
+            self.retries.pop(uid, None)
+            self.stats_written.pop(uid, None)
+            return
+        held = self.bodies.get(uid)
+        if held is not None and _newer_or_same(held, body):
+            return
+        self.bodies[uid] = dict(body)
+        self.queue.add(uid)
+
+    def _domain_changed(self, uuid: str) -> None:
+        if uuid in self.bodies:
+            self.queue.add(uuid)
+
+    async def resync(self) -> None:
+        for uid in list(self.bodies):
+            self.queue.add(uid)
+
+    async def heartbeat(self) -> None:
+        """Announces this agent and its host's capacity; refreshes the list of live agents."""
+        try:
+            capacity = await self.host.capacity(self.settings.storage_pool)
+            connected = True
+        except HostUnavailable:
+            capacity, connected = None, False
+        status: dict[str, Any] = {
+            "heartbeatTime": now_iso(), "leaseDurationSeconds": nodes.LEASE_SECONDS,
+            "libvirtUri": self.settings.libvirt_uri, "connected": connected,
+            "vms": sum(1 for uid in self.bodies if self._owned(self.bodies[uid])),
+        }
+        if capacity is not None:
+            status["hypervisor"] = {
+                "type": capacity.hypervisor_type, "version": capacity.hypervisor_version,
+                "libvirtVersion": capacity.libvirt_version, "hostname": capacity.hostname,
+                "cpuModel": capacity.cpu_model,
+            }
+            status["capacity"] = {
+                "vcpus": capacity.vcpus, "vcpusUsed": capacity.vcpus_used,
+                "memory": str(capacity.memory_bytes), "memoryUsed": str(capacity.memory_used_bytes),
+                "storagePoolFree": None if capacity.storage_pool_free_bytes is None
+                else str(capacity.storage_pool_free_bytes),
+            }
+        await self.kube.announce_node(status)
+        live = nodes.live_node_names(await self.kube.list_nodes(), self.clock())
+        if live != self.live_nodes:
+            self.live_nodes = live | {self.settings.node_name}
+            await self.resync()
+
+    def _owned(self, body: Mapping[str, Any]) -> bool:
+        return nodes.place(body.get("spec") or {}, self.settings.node_name, self.live_nodes).owned
+
+    # --- one reconcile -----------------------------------------------------------------
+
+    async def reconcile_safely(self, uid: str) -> None:
+        began = time.monotonic()
+        try:
+            await self.reconcile(uid)
+            self.retries.pop(uid, None)
+        except Exception as error:
+            delay = min(self.retries.get(uid, RETRY_FIRST_SECONDS / 2) * 2, RETRY_MAX_SECONDS)
+            self.retries[uid] = delay
+            log.warning("reconcile of %s failed (%s: %s); retrying in %.0fs", uid, type(error).__name__, error, delay)
+            self.queue.add_after(uid, delay)
+        finally:
+            self.reconciles += 1
+            self.reconcile_seconds += time.monotonic() - began
+
+    async def reconcile(self, uid: str) -> None:
+        body = self.bodies.get(uid)
+        if body is None:
+            return
+        spec = body.get("spec") or {}
+        placement = nodes.place(spec, self.settings.node_name, self.live_nodes)
+        if not placement.owned:
+            if placement.pending_message and not body["metadata"].get("deletionTimestamp"):
+                await self.write_status(body, _pending_status(body, placement.pending_message, self.clock()))
+            return
+        run = _Run(self, body)
+        await run.converge()
+
+
+    async def write_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
+        """Patches status when something a reader cares about changed (stats alone wait)."""
+        old = body.get("status") or {}
+        uid = body["metadata"]["uid"]
+        now = time.monotonic()
+        if _significant(old) == _significant(status):
+            last = self.stats_written.get(uid, self.started)
+            if old.get("stats") == status.get("stats") or now - last < self.tuning.stats_seconds:
+                return
+        patch = status_merge_patch(old, status)
+        if not patch:
+            return
+        meta = body["metadata"]
+        updated = await self.kube.patch_vm_status(meta["namespace"], meta["name"], patch)
+        self.stats_written[uid] = now
+        if uid in self.bodies and not _newer_or_same(self.bodies[uid], updated):
+            self.bodies[uid] = updated
+        body["status"] = updated.get("status") or status
+
+
+def _newer_or_same(held: Mapping[str, Any], incoming: Mapping[str, Any]) -> bool:
+    try:
+        return int(held["metadata"]["resourceVersion"]) >= int(incoming["metadata"]["resourceVersion"])
+    except (KeyError, ValueError):
+        return False
+
+
+def _pending_status(body: Mapping[str, Any], message: str, now: datetime.datetime) -> dict[str, Any]:
+    view = reconcile.VMView(name=body["metadata"]["name"], generation=body["metadata"].get("generation", 1),
+                            spec=body.get("spec") or {}, spec_hash="", status=body.get("status") or {})
+    problem = reconcile.Problem("NoAgentOnNode", message, stalled=True)
+    status = reconcile.decide(replace(view, has_finalizer=True), None, now, "", problem).status
+    status["printableStatus"] = "Pending"
+    status.pop("nodeName", None)
+    status.pop("observedGeneration", None)
+    return status
+
+
+class _Run:
+    """One reconcile of one VM: decide, act, re-read, until done; then one status write."""
+
+    def __init__(self, agent: Agent, body: dict[str, Any]) -> None:
+        self.agent = agent
+        self.body = body
+        meta = body["metadata"]
+        self.ref = VMRef(uid=meta["uid"], namespace=meta["namespace"], name=meta["name"])
+        self.spec_dict = body.get("spec") or {}
+        self.view = reconcile.VMView(
+            name=meta["name"], generation=meta.get("generation", 1), spec=self.spec_dict,
+            spec_hash=spec_hash(self.spec_dict), status=body.get("status") or {},
+            annotations=meta.get("annotations") or {}, deleting=bool(meta.get("deletionTimestamp")),
+            has_finalizer=FINALIZER in (meta.get("finalizers") or []),
+        )
+        self.problem: reconcile.Problem | None = None
+        self.spec: VMSpec | None = None
+        if not self.view.deleting:
+            try:
+                self.spec = parse_spec(self.spec_dict)
+            except SpecError as error:
+                self.problem = _stalled(error)
+
+    async def converge(self) -> None:
+        agent = self.agent
+        snapshot = agent.cache.get(self.ref.uid)
+        decision = self._decide(snapshot)
+        for _ in range(MAX_STEPS):
+            if not decision.actions or self.problem is not None:
+                break
+            if any(action.slow for action in decision.actions):
+                await agent.write_status(self.body, decision.status)
+            finished = await self._act(decision.actions, snapshot)
+            if not finished:
+                return
+            self.view = replace(self.view, status=decision.status)
+            snapshot = await agent.cache.refresh(self.ref.uid)
+            decision = self._decide(snapshot)
+        if self.problem is not None:
+            decision = self._decide(snapshot)
+        await agent.write_status(self.body, decision.status)
+        for event in decision.events:
+            await agent.kube.post_event(self.body, event.type, event.reason, event.message)
+        self._schedule(decision)
+
+    def _decide(self, snapshot: DomainSnapshot | None) -> reconcile.Decision:
+        return reconcile.decide(self.view, snapshot, self.agent.clock(), self.agent.settings.node_name, self.problem)
+
+    def _schedule(self, decision: reconcile.Decision) -> None:
+        queue, uid = self.agent.queue, self.ref.uid
+        if decision.requeue_after is not None:
+            queue.add_after(uid, decision.requeue_after)
+        elif self.problem is not None and self.problem.stalled:
+            queue.add_after(uid, self.agent.tuning.stalled_retry_seconds)
+        elif self.problem is not None:
+            delay = min(self.agent.retries.get(uid, RETRY_FIRST_SECONDS / 2) * 2, RETRY_MAX_SECONDS)
+            self.agent.retries[uid] = delay
+            queue.add_after(uid, delay)
+
+    async def _act(self, actions: tuple[reconcile.Action, ...], snapshot: DomainSnapshot | None) -> bool:
+        """Runs the actions in order; False when the VM is gone (finalizer released)."""
+        for action in actions:
+            try:
+                await self._execute(action, snapshot)
+            except SpecError as error:
+                self.problem = _stalled(error)
+            except HostUnavailable as error:
+                self.problem = reconcile.Problem("LibvirtUnavailable", f"libvirt does not answer: {error}", stalled=False)
+            except guest.LIBVIRT_ERROR as error:
+                self.problem = reconcile.Problem("LibvirtError", f"{action.kind} failed: {error}", stalled=False)
+            if self.problem is not None:
+                await self._report_failure(action)
+                return True
+            if action.event is not None:
+                await self.agent.kube.post_event(self.body, action.event.type, action.event.reason, action.event.message)
+            if action.kind == "remove-finalizer":
+                return False
+        return True
+
+    async def _report_failure(self, action: reconcile.Action) -> None:
+        previous = next((c for c in self.view.status.get("conditions", []) if c.get("type") == "Ready"), {})
+        if previous.get("message") != self.problem.message:
+            await self.agent.kube.post_event(self.body, "Warning", "Failed", self.problem.message)
+
+    async def _execute(self, action: reconcile.Action, snapshot: DomainSnapshot | None) -> None:
+        host, uid = self.agent.host, self.ref.uid
+        kind = action.kind
+        if kind in ("add-finalizer", "remove-finalizer"):
+            await self._set_finalizer(present=kind == "add-finalizer")
+        elif kind == "define":
+            await self._define()
+        elif kind == "start":
+            await host.call(guest.start, uid, action.start_paused)
+        elif kind == "stop":
+            await self._stop(action.grace_seconds)
+        elif kind == "suspend":
+            await host.call(guest.suspend, uid)
+        elif kind == "resume":
+            await host.call(guest.resume, uid)
+        elif kind == "undefine":
+            await host.call(guest.undefine_and_delete, uid, self.agent.settings)
+        else:
+            raise ValueError(f"unknown action {kind}")
+
+    async def _set_finalizer(self, *, present: bool) -> None:
+        meta = self.body["metadata"]
+        finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER] + ([FINALIZER] if present else [])
+        updated = await self.agent.kube.set_finalizers(meta["namespace"], meta["name"], finalizers, meta["resourceVersion"])
+        self.body = updated
+        self.agent.bodies[self.ref.uid] = updated
+        self.view = replace(self.view, has_finalizer=present)
+
+    async def _define(self) -> None:
+        assert self.spec is not None
+        secrets = await self._user_data()
+        owner = OwnerMetadata(uid=self.ref.uid, namespace=self.ref.namespace, name=self.ref.name,
+                              generation=self.view.generation, spec_hash=self.view.spec_hash)
+        await self.agent.host.call(guest.apply_definition, self.spec, self.ref, self.agent.settings,
+                                   owner, secrets.get)
+        self.agent.host.remember_owner(self.ref.uid, owner)
+
+    async def _user_data(self) -> dict[str, str]:
+        """The Secrets the spec's cloudInit disks name, read with `get` only."""
+        found: dict[str, str] = {}
+        for disk in self.spec.disks if self.spec else ():
+            reference = getattr(disk.source, "user_data_secret", None)
+            if reference and reference not in found:
+                value = await self.agent.kube.read_secret_key(self.ref.namespace, reference, "userdata")
+                if value is not None:
+                    found[reference] = value
+        return found
+
+    async def _stop(self, grace_seconds: int) -> None:
+        """ACPI shutdown, waiting up to the grace period for the guest, then destroy."""
+        host, cache, uid = self.agent.host, self.agent.cache, self.ref.uid
+        current = cache.get(uid)
+        if current is None or not current.active:
+            return
+        if grace_seconds > 0:
+            if current.state == "paused":
+                await host.call(guest.resume, uid)
+            await host.call(guest.shutdown, uid)
+            deadline = time.monotonic() + grace_seconds
+            while current is not None and current.active and time.monotonic() < deadline:
+                current = await cache.wait_for_change(uid, current.revision, deadline - time.monotonic())
+                current = cache.get(uid)
+            if current is None or not current.active:
+                return
+        await host.call(guest.destroy, uid)
+
+
+def _stalled(error: SpecError) -> reconcile.Problem:
+    return reconcile.Problem("InvalidSpec", str(error), stalled=True)

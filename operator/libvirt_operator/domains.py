@@ -1,0 +1,192 @@
+"""The cached view of this host's owned domains, built from a listing and kept by events.
+
+libvirt versions nothing (seed 004), so the cache does: every snapshot and every removal is
+stamped from one monotonic counter when its read *starts*. A read that started earlier can
+never replace one that started later, however the two finish, so stale event reads and stale
+listings are dropped. A periodic relist repairs whatever events missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from libvirt_operator.host import DomainFacts, Host, HostEvent, HostUnavailable, LibvirtError
+from libvirt_operator.model import DomainSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    revision: int
+    snapshot: DomainSnapshot | None
+    """None: a tombstone, the domain was gone (or no longer owned) at `revision`."""
+
+
+def snapshot_of(facts: DomainFacts, revision: int) -> DomainSnapshot:
+    fields = {f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)}
+    return DomainSnapshot(revision=revision, **fields)
+
+
+def _facts_differ(old: DomainSnapshot | None, new: DomainSnapshot | None) -> bool:
+    """Whether anything but the revision and the statistics changed."""
+    if old is None or new is None:
+        return old is not new
+    return dataclasses.replace(old, revision=0, stats={}) != dataclasses.replace(new, revision=0, stats={})
+
+
+class DomainCache:
+    """Versioned snapshots of the owned domains of one Host (see the module docstring)."""
+
+    def __init__(self, host: Host, *, relist_interval: float = 60.0) -> None:
+        self._host = host
+        self._relist_interval = relist_interval
+        self._revisions = itertools.count(1)
+        self._entries: dict[str, _Entry] = {}
+        self._changed_at: dict[str, int] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._subscribers: list[Callable[[str], None]] = []
+        self._reads: dict[str, asyncio.Task[None]] = {}
+        self._read_again: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Follows the Host's events, reads every owned domain, then relists periodically."""
+        self._host.subscribe(self._on_host_event)
+        await self.relist()
+        self._spawn(self._relist_periodically())
+
+    async def stop(self) -> None:
+        self._host.unsubscribe(self._on_host_event)
+        tasks = [*self._background, *self._reads.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def next_revision(self) -> int:
+        return next(self._revisions)
+
+    def get(self, uuid: str) -> DomainSnapshot | None:
+        entry = self._entries.get(uuid)
+        return entry.snapshot if entry is not None else None
+
+    def snapshots(self) -> dict[str, DomainSnapshot]:
+        return {uuid: entry.snapshot for uuid, entry in self._entries.items() if entry.snapshot is not None}
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        """`callback(uuid)` runs whenever a domain's stored facts change or it is removed."""
+        self._subscribers.append(callback)
+
+    def offer(self, snapshot: DomainSnapshot) -> bool:
+        """Stores `snapshot` unless what is held is as new or newer; False when dropped as stale."""
+        return self._store(snapshot.uuid, _Entry(snapshot.revision, snapshot))
+
+    def offer_removal(self, uuid: str, revision: int) -> bool:
+        """A tombstone: the domain was gone at `revision`; False when something newer is held."""
+        return self._store(uuid, _Entry(revision, None))
+
+    async def refresh(self, uuid: str) -> DomainSnapshot | None:
+        """Reads `uuid` now and returns what the cache holds afterwards."""
+        await self._read(uuid)
+        return self.get(uuid)
+
+    async def relist(self) -> None:
+        """Reads every owned domain; cached ones no longer listed get a tombstone."""
+        revision = self.next_revision()
+        listed = await self._host.read_domains()
+        for facts in listed:
+            self.offer(snapshot_of(facts, revision))
+        present = {facts.uuid for facts in listed}
+        for uuid in [uuid for uuid, entry in self._entries.items() if entry.snapshot and uuid not in present]:
+            self.offer_removal(uuid, revision)
+
+    async def wait_for_change(self, uuid: str, after_revision: int, timeout: float) -> DomainSnapshot | None:
+        """Waits until `uuid` changes at a revision above `after_revision`; None on timeout or removal."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._changed_at.get(uuid, 0) <= after_revision:
+                    await self._wakeups.setdefault(uuid, asyncio.Event()).wait()
+        except TimeoutError:
+            return None
+        return self.get(uuid)
+
+    async def settle(self) -> None:
+        """Waits until no event-driven read is running or pending."""
+        while self._reads:
+            await asyncio.gather(*self._reads.values(), return_exceptions=True)
+
+    def _store(self, uuid: str, entry: _Entry) -> bool:
+        held = self._entries.get(uuid)
+        if held is not None and held.revision >= entry.revision:
+            return False
+        self._entries[uuid] = entry
+        if _facts_differ(held.snapshot if held else None, entry.snapshot):
+            self._changed(uuid, entry.revision)
+        return True
+
+    def _changed(self, uuid: str, revision: int) -> None:
+        self._changed_at[uuid] = revision
+        wakeup = self._wakeups.pop(uuid, None)
+        if wakeup is not None:
+            wakeup.set()
+        for callback in list(self._subscribers):
+            try:
+                callback(uuid)
+            except Exception:
+                log.exception("domain cache subscriber %r failed on %s", callback, uuid)
+
+    def _on_host_event(self, event: HostEvent) -> None:
+        if event.kind == "reconnected":
+            self._spawn(self._quietly(self.relist()))
+        elif event.uuid is not None:
+            self._schedule_read(event.uuid)
+
+    def _schedule_read(self, uuid: str) -> None:
+        """At most one read per domain runs; events meanwhile make exactly one more follow it."""
+        if uuid in self._reads:
+            self._read_again.add(uuid)
+        else:
+            self._reads[uuid] = asyncio.create_task(self._read_until_current(uuid))
+
+    async def _read_until_current(self, uuid: str) -> None:
+        try:
+            while True:
+                self._read_again.discard(uuid)
+                await self._quietly(self._read(uuid))
+                if uuid not in self._read_again:
+                    return
+        finally:
+            del self._reads[uuid]
+
+    async def _read(self, uuid: str) -> None:
+        revision = self.next_revision()
+        facts = await self._host.read_domain(uuid)
+        if facts is None:
+            self.offer_removal(uuid, revision)
+        else:
+            self.offer(snapshot_of(facts, revision))
+
+    async def _relist_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._relist_interval)
+            await self._quietly(self.relist())
+
+    async def _quietly(self, work: Coroutine[Any, Any, None]) -> None:
+        """Background work: a lost connection is repaired by the relist after reconnecting."""
+        try:
+            await work
+        except HostUnavailable as err:
+            log.info("domain cache: %s", err)
+        except LibvirtError:
+            log.exception("domain cache: libvirt refused a read")
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,62 @@
+"""kopf wiring, and nothing else: watch VirtualMachines, hand every body to the agent.
+
+Only `on.event` (level-triggered, no diff bookkeeping, no kopf annotations or finalizers on
+the objects), startup/cleanup for the agent's lifetime, and a liveness probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+
+from libvirt_operator import API_GROUP, API_VERSION, PLURAL
+from libvirt_operator.agent import Agent
+
+LIBVIRT_THREADS = 32
+
+
+def build_registry(make_agent: Callable[[], Agent]) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def start_agent(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        settings.peering.standalone = True
+        settings.posting.enabled = False
+        settings.watching.server_timeout = 600
+        settings.watching.client_timeout = 660
+        settings.batching.batch_window = 0.01
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(LIBVIRT_THREADS, thread_name_prefix="libvirt"))
+        memo.agent = make_agent()
+        await memo.agent.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_agent(memo: kopf.Memo, **_: Any) -> None:
+        agent = getattr(memo, "agent", None)
+        if agent is not None:
+            await agent.stop()
+
+    @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
+    def virtual_machine_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+        memo.agent.observe(event.get("type") or "ADDED", event["object"])
+
+    @kopf.on.probe(id="agent", registry=registry)
+    def agent_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+        agent: Agent = memo.agent
+        return {"libvirtConnected": agent.host.connected, "queued": len(agent.queue), "vms": len(agent.bodies)}
+
+    return registry
+
+
+def run(make_agent: Callable[[], Agent], *, liveness_endpoint: str | None) -> None:
+    """Runs the operator until SIGINT/SIGTERM."""
+    kopf.run(registry=build_registry(make_agent), standalone=True, clusterwide=True,
+             liveness_endpoint=liveness_endpoint, memo=kopf.Memo())

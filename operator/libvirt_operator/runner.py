@@ -1,0 +1,69 @@
+"""`libvirt-operator run`: the agent's command line, turned into settings and a running kopf operator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from pathlib import Path
+
+from libvirt_operator.model import AgentSettings
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = AgentSettings()
+    parser.add_argument("--libvirt-uri", default=os.environ.get("LIBVIRT_URI", defaults.libvirt_uri),
+                        help="libvirt connection URI (default qemu:///system; test:///default for a demo)")
+    parser.add_argument("--node-name", default=os.environ.get("NODE_NAME", socket.gethostname()),
+                        help="this node's name: the agent owns VMs whose spec.nodeName is this (default $NODE_NAME)")
+    parser.add_argument("--kubeconfig", type=Path, default=None,
+                        help="kubeconfig file (default: in-cluster ServiceAccount, else $KUBECONFIG)")
+    parser.add_argument("--liveness-port", type=int, default=8080, help="port of the /healthz endpoint")
+    parser.add_argument("--domain-type", choices=("kvm", "qemu"), default=defaults.domain_type,
+                        help="domain type for VMs that do not set spec.domainType")
+    parser.add_argument("--allowed-root", type=Path, action="append", dest="allowed_roots",
+                        help="a directory VM paths may point into (repeatable; default /var/lib/libvirt)")
+    parser.add_argument("--storage-pool", default=defaults.storage_pool,
+                        help="libvirt storage pool for the disks the operator creates")
+    parser.add_argument("--state-dir", type=Path, default=defaults.state_dir, help="per-VM files such as UEFI NVRAM")
+    parser.add_argument("--console-log-dir", type=Path, default=defaults.console_log_dir,
+                        help="where serial console logs go (spec.console.log)")
+    parser.add_argument("--workers", type=int, default=16, help="VMs reconciled at the same time")
+    parser.add_argument("--resync-seconds", type=float, default=60.0, help="how often every VM is looked at again")
+    parser.add_argument("--relist-seconds", type=float, default=60.0,
+                        help="how often the domain list is read in full, to repair missed events")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def settings_from(args: argparse.Namespace) -> AgentSettings:
+    defaults = AgentSettings()
+    return AgentSettings(
+        libvirt_uri=args.libvirt_uri, node_name=args.node_name, domain_type=args.domain_type,
+        allowed_roots=tuple(args.allowed_roots or defaults.allowed_roots), storage_pool=args.storage_pool,
+        state_dir=args.state_dir, console_log_dir=args.console_log_dir,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from libvirt_operator import handlers
+    from libvirt_operator.agent import Agent, Tuning
+    from libvirt_operator.domains import DomainCache
+    from libvirt_operator.host import Host
+    from libvirt_operator.kube import KubeClient
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("kopf.objects", "kopf.activities.probe", "aiohttp.access"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = str(args.kubeconfig)
+    settings = settings_from(args)
+    tuning = Tuning(workers=args.workers, resync_seconds=args.resync_seconds)
+
+    def make_agent() -> Agent:
+        host = Host(settings.libvirt_uri)
+        kube = KubeClient.from_environment("libvirt-operator", settings.node_name, args.kubeconfig and str(args.kubeconfig))
+        return Agent(settings, kube, host, DomainCache(host, relist_interval=args.relist_seconds), tuning)
+
+    handlers.run(make_agent, liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz")
+    return 0

@@ -1,0 +1,85 @@
+"""The agent as a real process (`libvirt-operator run`), for end-to-end tests, benchmarks and the demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from libvirt_operator.testing.controlplane import free_port
+
+
+class AgentProcess:
+    """One `libvirt-operator run` with its log in `workdir`; a context manager."""
+
+    def __init__(self, workdir: Path, kubeconfig: Path, *, libvirt_uri: str, node_name: str,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.kubeconfig = kubeconfig
+        self.libvirt_uri = libvirt_uri
+        self.node_name = node_name
+        self.extra_args = extra_args
+        self.liveness_port = free_port()
+        self.log_path = workdir / f"agent-{node_name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> AgentProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "libvirt_operator.cli", "run", "--libvirt-uri", self.libvirt_uri,
+                "--node-name", self.node_name, "--kubeconfig", str(self.kubeconfig),
+                "--liveness-port", str(self.liveness_port), *self.extra_args]
+
+    def start(self, timeout: float = 60) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"agent not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM, as Kubernetes stops a pod; SIGKILL if it hangs."""
+        self._signal(signal.SIGTERM, wait=20)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash."""
+        self._signal(signal.SIGKILL, wait=10)
+
+    def _signal(self, signum: int, wait: float) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signum)
+        try:
+            self.process.wait(wait)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

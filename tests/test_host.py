@@ -1,0 +1,497 @@
+"""Host and DomainCache against libvirt's test driver and a real libvirtd.
+
+Every test runs on one session-wide asyncio loop: libvirt accepts one event implementation
+per process, and libvirtaio binds it to the loop that registered it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import libvirt
+import pytest
+import pytest_asyncio
+from lxml import etree
+from lxml.builder import E
+
+from libvirt_operator import metadata
+from libvirt_operator.domains import DomainCache
+from libvirt_operator.host import Host, HostEvent, HostUnavailable, list_all_domains, read_owner
+from libvirt_operator.model import OwnerMetadata
+from libvirt_operator.testing import libvirt_env
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PREFIX = "lvo-test-host"
+OTHER_NAMESPACE = "https://example.org/not-the-operator"
+Calls = collections.Counter[str]
+
+
+def owner_for(uuid: str) -> OwnerMetadata:
+    return OwnerMetadata(uid=uuid, namespace="default", name=f"vm-{uuid[:8]}", generation=1, spec_hash="h")
+
+
+def domain_xml(name: str, uuid: str, *, domain_type: str, metadata_xml: str = "", nics: int = 0) -> str:
+    arch = {"arch": "x86_64"} if domain_type == "qemu" else {}
+    interfaces = [
+        E.interface(E.source(network="default"), E.mac(address=f"52:54:00:{uuid[:2]}:{uuid[2:4]}:{index:02x}"),
+                    type="network")
+        for index in range(nics)
+    ]
+    domain = E.domain(
+        E.name(name), E.uuid(uuid), E.memory("64", unit="MiB"), E.vcpu("1"), E.os(E.type("hvm", **arch)),
+        E.devices(*interfaces), type=domain_type,
+    )
+    if metadata_xml:
+        domain.insert(3, E.metadata(etree.fromstring(metadata_xml)))
+    return etree.tostring(domain, encoding="unicode")
+
+
+def owned_xml(name: str, uuid: str, domain_type: str, nics: int = 0) -> str:
+    return domain_xml(name, uuid, domain_type=domain_type, metadata_xml=metadata.owner_xml(owner_for(uuid)), nics=nics)
+
+
+FOREIGN_MARKS = (
+    "",
+    f'<vm xmlns="{OTHER_NAMESPACE}" uid="x" namespace="default" name="x" generation="1" specHash="h"/>',
+)
+"""No metadata at all, and a look-alike mark in another namespace URI."""
+
+
+def _define_all(conn: Any, xmls: list[str]) -> list[str]:
+    return [conn.defineXML(xml).UUIDString() for xml in xmls]
+
+
+async def define_owned(host: Host, prefix: str, count: int, domain_type: str, nics: int = 0) -> list[str]:
+    """Defines `count` owned domains through `host`, which remembers their owners."""
+    uuids = [str(uuidlib.uuid4()) for _ in range(count)]
+    xmls = [owned_xml(f"{prefix}-{u[:13]}", u, domain_type, nics) for u in uuids]
+    await host.call(_define_all, xmls)
+    for u in uuids:
+        host.remember_owner(u, owner_for(u))
+    return uuids
+
+
+async def elsewhere(uri: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(conn, *args)` on a connection of its own, as another program would: nothing is counted."""
+    def run() -> Any:
+        conn = libvirt.open(uri)
+        try:
+            return fn(conn, *args)
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(run)
+
+
+async def define_foreign(uri: str, prefix: str, domain_type: str) -> list[str]:
+    """Defined by another program: no mark at all, and a look-alike mark in another namespace."""
+    xmls = [domain_xml(f"{prefix}-foreign-{i}", str(uuidlib.uuid4()), domain_type=domain_type, metadata_xml=mark)
+            for i, mark in enumerate(FOREIGN_MARKS)]
+    return await elsewhere(uri, _define_all, xmls)
+
+
+async def counted(host: Host, work: Callable[[], Awaitable[Any]]) -> tuple[Calls, collections.Counter[tuple[str, str]]]:
+    """The calls `work` made, by API name and by (domain, API name)."""
+    calls, domain_calls = host.calls.copy(), host.domain_calls.copy()
+    await work()
+    return host.calls - calls, host.domain_calls - domain_calls
+
+
+async def list_and_stats(host: Host) -> None:
+    await host.list_domains()
+    await host.all_domain_stats()
+
+
+def calls_on(domain_calls: collections.Counter[tuple[str, str]], uuids: set[str]) -> Calls:
+    return collections.Counter({api: n for (u, api), n in domain_calls.items() if u in uuids})
+
+
+class EventLog:
+    """A Host listener that lets a test wait for an event without polling."""
+
+    def __init__(self, host: Host) -> None:
+        self.events: list[HostEvent] = []
+        self._arrived = asyncio.Condition()
+        host.subscribe(self._record)
+
+    def _record(self, event: HostEvent) -> None:
+        self.events.append(event)
+        asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._arrived:
+            self._arrived.notify_all()
+
+    async def wait(self, predicate: Callable[[HostEvent], bool], timeout: float = 30) -> HostEvent:
+        async with asyncio.timeout(timeout), self._arrived:
+            while True:
+                found = next((event for event in self.events if predicate(event)), None)
+                if found is not None:
+                    return found
+                await self._arrived.wait()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def test_host(test_uri: str) -> AsyncIterator[Host]:
+    host = Host(test_uri)
+    await host.start()
+    yield host
+    await host.stop()
+
+
+@pytest.fixture
+def system_prefix(system_uri: str) -> Iterator[str]:
+    """A unique name prefix on qemu:///system; every domain carrying it is removed afterwards."""
+    prefix = f"{PREFIX}-{uuidlib.uuid4().hex[:6]}"
+    yield prefix
+    conn = libvirt.open(system_uri)
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name().startswith(prefix):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+    finally:
+        conn.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def system_host(system_uri: str) -> AsyncIterator[Host]:
+    host = Host(system_uri, reconnect_min=0.2, reconnect_max=2.0)
+    await host.start()
+    yield host
+    await host.stop()
+
+
+# --- listing costs ---------------------------------------------------------------------------
+
+
+@pytest.mark.libvirt
+async def test_listing_costs_the_same_calls_for_10_and_1000_owned_domains(test_host: Host, test_uri: str) -> None:
+    owned = await define_owned(test_host, PREFIX, 10, "test")
+    await list_and_stats(test_host)  # the foreign "test" domain's one metadata read
+    at_10, _ = await counted(test_host, lambda: list_and_stats(test_host))
+    owned += await define_owned(test_host, PREFIX, 990, "test")
+    at_1000, _ = await counted(test_host, lambda: list_and_stats(test_host))
+
+    assert at_10 == at_1000 == {"listAllDomains": 1, "getAllDomainStats": 1}
+    assert {d.uuid for d in await test_host.list_domains()} == set(owned)
+
+    fresh = Host(test_uri)
+    await fresh.start()
+    try:
+        every = len(await fresh.list_domains(include_foreign=True))
+        cold = fresh.calls.copy()
+        warm, _ = await counted(fresh, lambda: list_and_stats(fresh))
+    finally:
+        await fresh.stop()
+    assert cold["metadata"] == every >= 1001
+    assert warm == {"listAllDomains": 1, "getAllDomainStats": 1}
+
+
+@pytest.mark.libvirt
+async def test_foreign_domains_are_never_returned_nor_touched(test_uri: str) -> None:
+    host = Host(test_uri)  # open first: the test driver forgets its domains when its last connection closes
+    await host.start()
+    cache = DomainCache(host, relist_interval=3600)
+    try:
+        foreign = set(await define_foreign(test_uri, PREFIX, "test"))
+        test_domain = await elsewhere(test_uri, lambda conn: conn.lookupByName("test").UUIDString())
+        owned = set(await define_owned(host, PREFIX, 3, "test", nics=1))
+        await cache.start()
+        for _ in range(2):
+            assert {d.uuid for d in await host.list_domains()} == owned
+            assert set(await host.all_domain_stats()) == owned
+            assert {f.uuid for f in await host.read_domains()} == owned
+            await cache.relist()
+        await elsewhere(test_uri, _start_and_destroy, sorted(foreign | {test_domain}))
+        await asyncio.sleep(0.1)
+        await cache.settle()
+        assert set(cache.snapshots()) == owned
+        listed = await host.list_domains(include_foreign=True)
+        assert foreign | {test_domain} <= {d.uuid for d in listed if d.owner is None}
+    finally:
+        await cache.stop()
+        await host.stop()
+    for uuid in foreign | {test_domain}:
+        assert calls_on(host.domain_calls, {uuid}) == {"metadata": 1}
+
+
+def _start_and_destroy(conn: Any, uuids: list[str]) -> None:
+    for uuid in uuids:
+        dom = conn.lookupByUUIDString(uuid)
+        if dom.isActive():
+            dom.suspend()
+            dom.resume()
+        else:
+            dom.create()
+            dom.destroy()
+
+
+@pytest.mark.libvirt
+async def test_system_listing_costs_the_same_for_10_and_50_and_skips_foreign(
+    system_uri: str, system_prefix: str,
+) -> None:
+    foreign = set(await define_foreign(system_uri, system_prefix, "qemu"))
+    host = Host(system_uri)
+    await host.start()
+    try:
+        owned = set(await define_owned(host, system_prefix, 10, "qemu"))
+        await list_and_stats(host)
+        at_10, on_domains_10 = await counted(host, lambda: list_and_stats(host))
+        owned |= set(await define_owned(host, system_prefix, 40, "qemu"))
+        at_50, on_domains_50 = await counted(host, lambda: list_and_stats(host))
+        mine = {d.uuid for d in await host.list_domains() if d.name.startswith(system_prefix)}
+    finally:
+        await host.stop()
+
+    on_domains = on_domains_10 + on_domains_50
+    others = sum(n for (u, api), n in on_domains.items() if api == "metadata" and u not in owned | foreign)
+    assert at_10 + at_50 - collections.Counter(metadata=others) == {"listAllDomains": 2, "getAllDomainStats": 2}
+    assert at_10["listAllDomains"] == at_50["listAllDomains"] == 1
+    assert not calls_on(on_domains, owned | foreign)
+    assert mine == owned
+    for uuid in foreign:
+        assert calls_on(host.domain_calls, {uuid}) == {"metadata": 1}
+
+
+@pytest.mark.libvirt
+async def test_legacy_listing_only_when_list_all_domains_is_not_supported(test_host: Host) -> None:
+    owned = set(await define_owned(test_host, PREFIX, 4, "test"))
+    unsupported = await test_host.call(_no_support_error)
+
+    class WithoutListAll:
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
+        def listAllDomains(self, flags: int = 0) -> list[Any]:  # noqa: N802 - libvirt's name
+            raise unsupported
+
+    def legacy(conn: Any) -> set[str]:
+        return {dom.UUIDString() for dom in list_all_domains(WithoutListAll(conn))}
+
+    before = test_host.calls.copy()
+    found = await test_host.call(legacy)
+    made = test_host.calls - before
+    assert owned <= found
+    assert made["listDomainsID"] == made["listDefinedDomains"] == 1
+    assert made["lookupByName"] >= len(owned)
+    modern, _ = await counted(test_host, test_host.list_domains)
+    assert modern["listAllDomains"] == 1 and not modern.keys() & {"listDomainsID", "listDefinedDomains"}
+
+
+def _no_support_error(conn: Any) -> libvirt.libvirtError:
+    try:
+        conn.setKeepAlive(5, 3)  # the test driver has no keepalive: VIR_ERR_NO_SUPPORT
+    except libvirt.libvirtError as err:
+        assert err.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT
+        return err
+    raise AssertionError("the test driver supports keepalive now; pick another unsupported call")
+
+
+# --- reading domains -------------------------------------------------------------------------
+
+
+@pytest.mark.libvirt
+async def test_read_domain_reports_state_reason_owner_and_addresses(test_host: Host, test_uri: str) -> None:
+    persistent, = await define_owned(test_host, PREFIX, 1, "test", nics=1)
+    transient = str(uuidlib.uuid4())
+    await test_host.call(lambda conn, xml: conn.createXML(xml), owned_xml(f"{PREFIX}-transient", transient, "test"))
+
+    stopped = await test_host.read_domain(persistent)
+    assert stopped is not None
+    assert (stopped.state, stopped.reason, stopped.id, stopped.persistent) == ("shutoff", "unknown", None, True)
+    assert stopped.config_owner == owner_for(persistent) and stopped.live_owner is None
+    assert stopped.interfaces[0].ip_addresses == ()
+
+    domain = await _lookup(test_host, persistent)
+    await test_host.call(lambda conn, dom: (dom.create(), dom.suspend()), domain)
+    paused = await test_host.read_domain(persistent)
+    assert paused is not None and (paused.state, paused.reason) == ("paused", "user") and paused.id is not None
+    assert paused.live_owner == paused.config_owner == owner_for(persistent)
+    assert paused.interfaces[0].ip_addresses  # the test driver invents a lease
+    assert paused.stats["state.state"] == libvirt.VIR_DOMAIN_PAUSED
+
+    running = await test_host.read_domain(transient)
+    assert running is not None and not running.persistent
+    assert (running.state, running.reason, running.config_owner, running.live_owner) == (
+        "running", "booted", None, owner_for(transient))
+
+    await test_host.call(lambda conn, dom: dom.destroy(), domain)
+    assert await test_host.read_domain(str(uuidlib.uuid4())) is None
+
+
+async def _lookup(host: Host, uuid: str) -> libvirt.virDomain:
+    return await host.call(lambda conn, u: conn.lookupByUUIDString(u), uuid)
+
+
+@pytest.mark.libvirt
+async def test_marking_a_foreign_domain_makes_it_owned(test_host: Host, test_uri: str) -> None:
+    plain, _ = await define_foreign(test_uri, PREFIX, "test")
+    assert plain not in {d.uuid for d in await test_host.list_domains()}
+    await test_host.call(
+        lambda conn, dom, xml: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, metadata.METADATA_PREFIX,
+                                               metadata.METADATA_NAMESPACE, 0),
+        await _lookup(test_host, plain), etree.tostring(E.vm(dict(metadata.owner_element(owner_for(plain)).attrib)), encoding="unicode"),
+    )
+    await asyncio.sleep(0.05)
+    listed = {d.uuid: d.owner for d in await test_host.list_domains()}
+    assert listed[plain] == owner_for(plain)
+    assert await test_host.call(lambda conn, dom: read_owner(dom), await _lookup(test_host, plain)) == owner_for(plain)
+
+
+@pytest.mark.libvirt
+async def test_capacity_on_the_test_driver_and_on_qemu(test_host: Host, system_host: Host) -> None:
+    test = await test_host.capacity("default")
+    assert (test.hypervisor_type, test.storage_pool_free_bytes) == ("TEST", None)
+    assert test.vcpus > 0 and test.memory_bytes > 0 and test.libvirt_version.count(".") == 2
+
+    qemu = await system_host.capacity(libvirt_env.DEFAULT_POOL)
+    assert qemu.hypervisor_type == "QEMU" and qemu.hypervisor_version.count(".") == 2
+    assert qemu.hostname and qemu.cpu_model and qemu.vcpus >= 1 and qemu.memory_bytes > 0
+    assert qemu.storage_pool_free_bytes is not None and qemu.storage_pool_free_bytes > 0
+    assert (await system_host.capacity("no-such-pool")).storage_pool_free_bytes is None
+
+
+# --- the cache -------------------------------------------------------------------------------
+
+
+def _steps(n: int) -> list[str]:
+    """Each domain goes a different way, so the final states differ."""
+    return ["create", "suspend", "resume", "destroy"][: 1 + n % 4]
+
+
+def _act(conn: Any, dom: Any, step: str) -> None:
+    getattr(dom, step)()
+
+
+@pytest.mark.libvirt
+async def test_cache_follows_200_domains_acted_on_concurrently(test_host: Host) -> None:
+    uuids = await define_owned(test_host, PREFIX, 200, "test")
+    cache = DomainCache(test_host, relist_interval=3600)
+    seen: dict[str, list[int]] = collections.defaultdict(list)
+    cache.subscribe(lambda u: seen[u].append(cache.get(u).revision if cache.get(u) else -1))
+    await cache.start()
+    try:
+        domains = [await _lookup(test_host, u) for u in uuids]
+
+        async def walk(index: int, dom: Any) -> None:
+            for step in _steps(index):
+                await test_host.call(_act, dom, step)
+
+        await asyncio.gather(*(walk(i, dom) for i, dom in enumerate(domains)))
+        await asyncio.sleep(0.2)
+        await cache.settle()
+
+        snapshots = cache.snapshots()
+        assert set(uuids) <= set(snapshots)
+        for index, uuid in enumerate(uuids):
+            fresh = await test_host.read_domain(uuid)
+            held = snapshots[uuid]
+            assert fresh is not None
+            assert (held.state, held.reason, held.id) == (fresh.state, fresh.reason, fresh.id), uuid
+            assert held.state == {0: "running", 1: "paused", 2: "running", 3: "shutoff"}[index % 4]
+        for uuid in uuids:
+            revisions = seen[uuid]
+            assert revisions and all(a < b for a, b in zip(revisions, revisions[1:], strict=False)), revisions
+    finally:
+        await cache.stop()
+
+
+@pytest.mark.unit
+async def test_cache_drops_snapshots_older_than_what_it_holds() -> None:
+    cache = DomainCache(Host("test:///default"))
+    changes: list[str] = []
+    cache.subscribe(changes.append)
+    uuid = str(uuidlib.uuid4())
+    older, newer = cache.next_revision(), cache.next_revision()
+
+    assert cache.offer(_snapshot(uuid, newer, "running"))
+    assert not cache.offer(_snapshot(uuid, older, "shutoff"))  # read earlier, delivered later
+    assert cache.get(uuid).state == "running" and cache.get(uuid).revision == newer
+
+    removal = cache.next_revision()
+    late = cache.next_revision()
+    assert cache.offer_removal(uuid, removal)
+    assert cache.get(uuid) is None and uuid not in cache.snapshots()
+    assert not cache.offer(_snapshot(uuid, newer, "paused"))  # older than the tombstone
+    assert not cache.offer_removal(uuid, older)
+    assert cache.offer(_snapshot(uuid, late, "running"))
+    assert cache.get(uuid).revision == late
+    assert changes == [uuid, uuid, uuid]
+
+    same_facts = cache.next_revision()
+    assert cache.offer(_snapshot(uuid, same_facts, "running", cpu=5))  # stats only: stored, no change
+    assert changes == [uuid, uuid, uuid]
+    waiter = asyncio.create_task(cache.wait_for_change(uuid, same_facts, timeout=5))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    cache.offer(_snapshot(uuid, cache.next_revision(), "paused"))
+    assert (await waiter).state == "paused"
+    assert await cache.wait_for_change(uuid, cache.next_revision(), timeout=0.01) is None
+
+
+def _snapshot(uuid: str, revision: int, state: str, cpu: int = 0) -> Any:
+    from libvirt_operator.model import DomainSnapshot
+
+    return DomainSnapshot(uuid=uuid, name="n", revision=revision, state=state, reason="unknown", id=None,
+                          persistent=True, config_owner=owner_for(uuid), stats={"cpu.time": cpu})
+
+
+# --- a real libvirtd dies and comes back -------------------------------------------------------
+
+
+@pytest.mark.libvirt
+async def test_host_reconnects_after_libvirtd_is_killed_and_events_flow_again(
+    system_host: Host, system_prefix: str, system_uri: str,
+) -> None:
+    log = EventLog(system_host)
+    kept, gone = await define_owned(system_host, system_prefix, 2, "qemu")
+    cache = DomainCache(system_host, relist_interval=3600)
+    await cache.start()
+    try:
+        assert {kept, gone} <= set(cache.snapshots())
+        await asyncio.to_thread(libvirt_env.kill_libvirtd)
+        await log.wait(lambda e: e.kind == "disconnected")
+        assert not system_host.connected
+        with pytest.raises(HostUnavailable):
+            await system_host.list_domains()
+
+        await asyncio.to_thread(libvirt_env.restart_libvirtd)
+        await log.wait(lambda e: e.kind == "reconnected", timeout=60)
+        assert system_host.connected
+        await system_host.call(lambda conn, u: conn.lookupByUUIDString(u).undefine(), gone)
+        await system_host.call(lambda conn, u: conn.lookupByUUIDString(u).create(), kept)
+        started = await log.wait(lambda e: e.uuid == kept and e.event == libvirt.VIR_DOMAIN_EVENT_STARTED)
+        assert started.kind == "lifecycle"
+        await log.wait(lambda e: e.uuid == gone and e.event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED)
+
+        await asyncio.sleep(0.2)
+        await cache.settle()
+        truth = await asyncio.to_thread(_owned_states, system_uri, system_prefix)
+        held = {u: s.state for u, s in cache.snapshots().items() if s.name.startswith(system_prefix)}
+        assert held == truth == {kept: "running"}
+        assert (await system_host.capacity(libvirt_env.DEFAULT_POOL)).vcpus_used >= 1
+    finally:
+        await cache.stop()
+
+
+def _owned_states(uri: str, prefix: str) -> dict[str, str]:
+    """listAllDomains on a connection of its own: the owned domains with `prefix` and their states."""
+    conn = libvirt.open(uri)
+    try:
+        return {
+            dom.UUIDString(): ("running" if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING else "other")
+            for dom in conn.listAllDomains()
+            if dom.name().startswith(prefix) and read_owner(dom) is not None
+        }
+    finally:
+        conn.close()

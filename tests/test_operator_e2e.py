@@ -1,0 +1,240 @@
+"""The operator end to end: real kube-apiserver, real kubectl, real libvirtd, real QEMU guests.
+
+One agent process (`libvirt-operator run`) owns node `node-qemu` against qemu:///system for
+the module. A foreign domain defined beside the VMs must come through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from libvirt_operator.testing.agent_process import AgentProcess
+from libvirt_operator.testing.controlplane import ControlPlane
+from libvirt_operator.testing.libvirt_env import GuestImage
+from e2e import (
+    Kubectl, event_reasons, get_vm, guest_spec, virsh, vm_manifest, wait_until, wait_vm, write_counts,
+)
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).parent.parent
+NAMESPACE = "e2e"
+NODE = "node-qemu"
+FOREIGN = "lvo-e2e-foreign"
+FOREIGN_XML = f"""<domain type='qemu'><name>{FOREIGN}</name><memory unit='MiB'>32</memory>
+<os><type arch='x86_64'>hvm</type></os></domain>"""
+
+
+@pytest.fixture(scope="module")
+def cluster(control_plane: ControlPlane) -> Kubectl:
+    kubectl = control_plane.kubectl
+    for crd in ("virtualmachine", "libvirtnode"):
+        kubectl("apply", "-f", str(ROOT / "crds" / f"{crd}.yaml"))
+    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io",
+            "crd/libvirtnodes.libvirt-operator.io", "--timeout=30s")
+    kubectl("create", "namespace", NAMESPACE, check=False)
+    return kubectl
+
+
+@pytest.fixture(scope="module")
+def foreign_domain(system_uri: str) -> Iterator[str]:
+    virsh("undefine", FOREIGN, check=False)
+    path = Path("/tmp/lvo-e2e-foreign.xml")
+    path.write_text(FOREIGN_XML)
+    virsh("define", str(path))
+    before = virsh("dumpxml", FOREIGN)
+    yield before
+    assert virsh("dumpxml", FOREIGN) == before, "the foreign domain was changed"
+    virsh("undefine", FOREIGN)
+
+
+@pytest.fixture(scope="module")
+def agent(cluster: Kubectl, control_plane: ControlPlane, system_uri: str, foreign_domain: str,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    with AgentProcess(tmp_path_factory.mktemp("agent"), control_plane.admin_kubeconfig,
+                      libvirt_uri=system_uri, node_name=NODE) as process:
+        yield process
+        print(process.log_tail(200))
+
+
+def apply_vm(kubectl: Kubectl, name: str, **spec: object) -> dict:
+    kubectl("apply", "-f", "-", input=vm_manifest(name, NAMESPACE, **spec))
+    return get_vm(kubectl, name, NAMESPACE)
+
+
+def delete_vm(kubectl: Kubectl, name: str) -> None:
+    kubectl("delete", "vm", name, "-n", NAMESPACE, "--timeout=90s", timeout=120)
+
+
+def domain_name(name: str) -> str:
+    return f"{NAMESPACE}_{name}"
+
+
+def domain_state(name: str) -> str:
+    return virsh("domstate", domain_name(name), check=False).strip()
+
+
+def status(kubectl: Kubectl, name: str) -> dict:
+    return get_vm(kubectl, name, NAMESPACE).get("status") or {}
+
+
+def test_apply_then_ready_with_columns_and_few_writes(agent: AgentProcess, control_plane: ControlPlane,
+                                                      guest_image: GuestImage) -> None:
+    before = write_counts(control_plane.metrics())
+    vm = apply_vm(control_plane.kubectl, "web", **guest_spec(guest_image, NODE, cpu={"cores": 2}))
+    seconds = wait_vm(control_plane.kubectl, "web", NAMESPACE, "condition=Ready")
+    after = write_counts(control_plane.metrics())
+    ours = {key: after[key] - before[key] for key in after if after[key] != before[key] and key[0] != "POST"
+            or key == ("POST", "events")}
+    print(f"apply -> Ready in {seconds:.1f}s; operator writes: {ours}")
+    assert sum(ours.values()) <= 3, ours
+    columns = control_plane.kubectl("get", "vm", "web", "-n", NAMESPACE, "-o", "wide", "--no-headers").stdout.split()
+    assert columns[:5] == ["web", "Running", "true", NODE, "2"], columns
+    assert columns[5] == "128Mi" and columns[7] == "running"
+    uuid = virsh("domuuid", domain_name("web")).strip()
+    assert uuid == vm["metadata"]["uid"]
+    current = status(control_plane.kubectl, "web")
+    assert current["domain"]["uuid"] == uuid and current["observedGeneration"] == 1
+    assert "Started" in event_reasons(control_plane.kubectl, "web", NAMESPACE)
+
+
+def test_halted_stops_and_is_ready_then_always_starts(agent: AgentProcess, control_plane: ControlPlane,
+                                                      guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    apply_vm(kubectl, "flip", **guest_spec(guest_image, NODE))
+    wait_vm(kubectl, "flip", NAMESPACE, "condition=Ready")
+    kubectl("patch", "vm", "flip", "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"runStrategy":"Halted"}}')
+    wait_vm(kubectl, "flip", NAMESPACE, "jsonpath={.status.printableStatus}=Stopped")
+    halted = status(kubectl, "flip")
+    assert halted["ready"] is True and domain_state("flip") == "shut off"
+    assert halted["observedGeneration"] == 2
+    kubectl("patch", "vm", "flip", "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"runStrategy":"Always"}}')
+    wait_vm(kubectl, "flip", NAMESPACE, "jsonpath={.status.printableStatus}=Running")
+    assert domain_state("flip") == "running"
+    assert status(kubectl, "flip")["restartCount"] == 0
+    delete_vm(kubectl, "flip")
+
+
+def test_guest_poweroff_rerun_on_failure_stays_stopped_always_restarts(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    apply_vm(kubectl, "once-off", runStrategy="RerunOnFailure", **guest_spec(guest_image, NODE, poweroff_after=2))
+    apply_vm(kubectl, "keeps-on", runStrategy="Always", **guest_spec(guest_image, NODE, poweroff_after=2))
+    wait_vm(kubectl, "once-off", NAMESPACE, "jsonpath={.status.domain.reason}=shutdown", timeout=120)
+    stopped = status(kubectl, "once-off")
+    assert stopped["printableStatus"] == "Stopped" and stopped["ready"] is True
+    assert stopped["restartCount"] == 0
+    wait_until(lambda: status(kubectl, "keeps-on").get("restartCount", 0) >= 1, timeout=120,
+               what="Always restarted the guest that powered itself off")
+    assert "Restarted" in event_reasons(kubectl, "keeps-on", NAMESPACE)
+    delete_vm(kubectl, "once-off")
+    delete_vm(kubectl, "keeps-on")
+
+
+def qemu_pid(name: str) -> int:
+    return int(Path(f"/run/libvirt/qemu/{domain_name(name)}.pid").read_text())
+
+
+def test_killed_qemu_is_a_failure_and_rerun_on_failure_restarts(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    apply_vm(kubectl, "crashy", runStrategy="RerunOnFailure", **guest_spec(guest_image, NODE))
+    wait_vm(kubectl, "crashy", NAMESPACE, "condition=Ready")
+    first_id = status(kubectl, "crashy")["domain"]["id"]
+    os.kill(qemu_pid("crashy"), signal.SIGKILL)
+    wait_until(lambda: status(kubectl, "crashy").get("restartCount", 0) == 1, what="restart after the kill")
+    wait_vm(kubectl, "crashy", NAMESPACE, "condition=Ready")
+    restarted = status(kubectl, "crashy")
+    assert restarted["domain"]["id"] != first_id and restarted["domain"]["state"] == "running"
+    messages = [e["message"] for e in json.loads(kubectl("get", "events", "-n", NAMESPACE, "-o", "json",
+                "--field-selector=involvedObject.name=crashy,reason=Restarted").stdout)["items"]]
+    assert any("shutoff: crashed" in message or "shutoff: failed" in message for message in messages), messages
+    delete_vm(kubectl, "crashy")
+
+
+def seconds_until(predicate: object, timeout: float = 30) -> float:
+    began = time.monotonic()
+    wait_until(predicate, timeout=timeout, every=0.05)  # type: ignore[arg-type]
+    return time.monotonic() - began
+
+
+def test_out_of_band_destroy_suspend_undefine_are_seen_and_undone(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    apply_vm(kubectl, "oob", **guest_spec(guest_image, NODE))
+    wait_vm(kubectl, "oob", NAMESPACE, "condition=Ready")
+    first_id = status(kubectl, "oob")["domain"]["id"]
+
+    virsh("destroy", domain_name("oob"))
+    destroyed = seconds_until(lambda: status(kubectl, "oob")["domain"].get("id") not in (None, first_id)
+                              and status(kubectl, "oob")["restartCount"] == 1)
+    assert domain_state("oob") == "running"
+
+    virsh("suspend", domain_name("oob"))
+    suspended = seconds_until(lambda: event_reasons(kubectl, "oob", NAMESPACE)["Resumed"] >= 1)
+    wait_until(lambda: domain_state("oob") == "running", what="resumed")
+
+    virsh("undefine", domain_name("oob"))
+    undefined = seconds_until(lambda: event_reasons(kubectl, "oob", NAMESPACE)["Redefined"] >= 1)
+    assert "Persistent:     yes" in virsh("dominfo", domain_name("oob"))
+    print(f"out-of-band to status: destroy {destroyed:.2f}s, suspend {suspended:.2f}s, undefine {undefined:.2f}s")
+    delete_vm(kubectl, "oob")
+
+
+def owned_volumes(uid: str) -> list[str]:
+    listed = virsh("vol-list", "default", "--name")
+    return [line for line in listed.split() if line.startswith(uid)]
+
+
+def test_delete_leaves_no_domain_volume_or_finalizer(agent: AgentProcess, control_plane: ControlPlane,
+                                                     guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    vm = apply_vm(kubectl, "gone", **guest_spec(guest_image, NODE, disks=[
+        {"name": "root", "image": {"path": str(guest_image.disk), "clone": True}},
+        {"name": "data", "emptyDisk": {"size": "64Mi"}},
+        {"name": "seed", "cloudInit": {"userData": "#cloud-config\nhostname: gone\n"}}]))
+    wait_vm(kubectl, "gone", NAMESPACE, "condition=Ready")
+    uid = vm["metadata"]["uid"]
+    assert len(owned_volumes(uid)) == 3
+    delete_vm(kubectl, "gone")
+    assert kubectl("get", "vm", "gone", "-n", NAMESPACE, check=False).returncode != 0
+    assert domain_name("gone") not in virsh("list", "--all", "--name").split()
+    assert owned_volumes(uid) == []
+    assert guest_image.disk.exists()
+
+
+def test_deletion_while_the_agent_is_down_finishes_when_it_returns(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    apply_vm(kubectl, "later", **guest_spec(guest_image, NODE))
+    wait_vm(kubectl, "later", NAMESPACE, "condition=Ready")
+    agent.stop()
+    kubectl("delete", "vm", "later", "-n", NAMESPACE, "--wait=false")
+    time.sleep(1)
+    held = get_vm(kubectl, "later", NAMESPACE)
+    assert held["metadata"]["deletionTimestamp"] and held["metadata"]["finalizers"] == ["libvirt-operator.io/domain"]
+    assert domain_state("later") == "running"
+    agent.start()
+    kubectl("wait", "--for=delete", "vm/later", "-n", NAMESPACE, "--timeout=90s", timeout=120)
+    assert domain_name("later") not in virsh("list", "--all", "--name").split()
+    assert domain_state("web") == "running", "the restart must not have restarted other VMs"
+
+
+def test_a_vm_for_a_node_without_an_agent_is_pending(agent: AgentProcess, control_plane: ControlPlane) -> None:
+    kubectl = control_plane.kubectl
+    apply_vm(kubectl, "nowhere", nodeName="node-nowhere", memory="64Mi")
+    wait_vm(kubectl, "nowhere", NAMESPACE, "jsonpath={.status.printableStatus}=Pending")
+    stalled = next(c for c in status(kubectl, "nowhere")["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and "node-nowhere" in stalled["message"]
+    kubectl("delete", "vm", "nowhere", "-n", NAMESPACE)
+    nodes = json.loads(kubectl("get", "libvirtnodes", "-o", "json").stdout)["items"]
+    mine = next(node for node in nodes if node["metadata"]["name"] == NODE)
+    assert mine["status"]["hypervisor"]["type"] == "QEMU" and mine["status"]["capacity"]["vcpus"] >= 1
