@@ -329,6 +329,23 @@ async def test_read_domain_reports_state_reason_owner_and_addresses(test_host: H
     assert await test_host.read_domain(str(uuidlib.uuid4())) is None
 
 
+@pytest.mark.libvirt
+async def test_relisting_reads_xml_only_of_domains_an_event_touched(test_host: Host) -> None:
+    uuids = await define_owned(test_host, PREFIX, 20, "test")
+    first, _ = await counted(test_host, test_host.read_domains)
+    assert first["XMLDesc"] >= 20
+    again, _ = await counted(test_host, test_host.read_domains)
+    assert again == {"listAllDomains": 1, "domainListGetStats": 1}
+
+    await test_host.call(lambda conn, dom: dom.create(), await _lookup(test_host, uuids[0]))
+    await asyncio.sleep(0.05)
+    touched, on_domains = await counted(test_host, test_host.read_domains)
+    assert set(u for u, api in on_domains if api == "XMLDesc") == {uuids[0]}
+    assert touched["listAllDomains"] == touched["domainListGetStats"] == 1
+    started = {f.uuid: f for f in await test_host.read_domains()}[uuids[0]]
+    assert started.state == "running" and started.live_owner == owner_for(uuids[0])
+
+
 async def _lookup(host: Host, uuid: str) -> libvirt.virDomain:
     return await host.call(lambda conn, u: conn.lookupByUUIDString(u), uuid)
 
@@ -337,10 +354,11 @@ async def _lookup(host: Host, uuid: str) -> libvirt.virDomain:
 async def test_marking_a_foreign_domain_makes_it_owned(test_host: Host, test_uri: str) -> None:
     plain, _ = await define_foreign(test_uri, PREFIX, "test")
     assert plain not in {d.uuid for d in await test_host.list_domains()}
+    mark = etree.tostring(E.vm(dict(metadata.owner_element(owner_for(plain)).attrib)), encoding="unicode")
     await test_host.call(
         lambda conn, dom, xml: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, metadata.METADATA_PREFIX,
                                                metadata.METADATA_NAMESPACE, 0),
-        await _lookup(test_host, plain), etree.tostring(E.vm(dict(metadata.owner_element(owner_for(plain)).attrib)), encoding="unicode"),
+        await _lookup(test_host, plain), mark,
     )
     await asyncio.sleep(0.05)
     listed = {d.uuid: d.owner for d in await test_host.list_domains()}

@@ -583,7 +583,9 @@ class Host:
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
 
-    def _on_domain_event(self, kind: EventKind, conn: libvirt.virConnect, dom: libvirt.virDomain, *payload: Any) -> None:
+    def _on_domain_event(
+        self, kind: EventKind, conn: libvirt.virConnect, dom: libvirt.virDomain, *payload: Any,
+    ) -> None:
         if conn is not self._conn:
             return
         uuid = dom.UUIDString()
@@ -679,7 +681,9 @@ class Host:
                     raise
                 self._stats_level += 1
 
-    def _stats_job(self, conn: Counted, domains: Sequence[Any] | None, keep_all: bool) -> tuple[dict[str, Stats], _Learned]:
+    def _stats_job(
+        self, conn: Counted, domains: Sequence[Any] | None, keep_all: bool,
+    ) -> tuple[dict[str, Stats], _Learned]:
         records = {dom.UUIDString(): (dom, stats) for dom, stats in self._stats(conn, domains)}
         if keep_all:
             return {uuid: stats for uuid, (_, stats) in records.items()}, _Learned()
@@ -696,22 +700,25 @@ class Host:
             if _has_code(err, libvirt.VIR_ERR_NO_DOMAIN):
                 return None, learned
             raise
-        facts = self._facts_of(conn, listed, include_foreign, learned)
+        facts = self._facts_of(conn, listed, include_foreign, learned, use_memo=False)
         return (facts[0] if facts else None), learned
 
     def _read_all_job(self, conn: Counted, include_foreign: bool) -> tuple[list[DomainFacts], _Learned]:
         listed, learned = self._list_job(conn, 0)
-        return self._facts_of(conn, listed, include_foreign, learned), learned
+        return self._facts_of(conn, listed, include_foreign, learned, use_memo=True), learned
 
     def _facts_of(
-        self, conn: Counted, listed: list[ListedDomain], include_foreign: bool, learned: _Learned,
+        self, conn: Counted, listed: list[ListedDomain], include_foreign: bool, learned: _Learned, *, use_memo: bool,
     ) -> list[DomainFacts]:
-        """DomainFacts for the owned ones of `listed` (all with include_foreign), one stats call."""
+        """DomainFacts for the owned ones of `listed` (all with include_foreign), one stats call.
+
+        With `use_memo`, XML facts already known are not read again.
+        """
         wanted = [domain.domain for domain in listed if include_foreign or domain.owner is not None]
         facts = []
         for dom, stats in self._stats(conn, wanted):
             try:
-                found = self._facts(dom, stats, learned)
+                found = self._facts(dom, stats, learned, self._memos.xml.get(dom.UUIDString()) if use_memo else None)
             except libvirt.libvirtError as err:
                 if not _has_code(err, libvirt.VIR_ERR_NO_DOMAIN):
                     raise
@@ -720,11 +727,10 @@ class Host:
                 facts.append(found)
         return facts
 
-    def _facts(self, dom: Counted, stats: Stats, learned: _Learned) -> DomainFacts:
+    def _facts(self, dom: Counted, stats: Stats, learned: _Learned, known: _XmlFacts | None) -> DomainFacts:
         uuid = dom.UUIDString()
         state = state_name(int(stats.get("state.state", 0)))
         active = state not in INACTIVE_STATES
-        known = self._memos.xml.get(uuid)
         xml = known or _read_xml(dom, active)
         if active and xml.interfaces and not any(nic.ip_addresses for nic in xml.interfaces):
             xml = dataclasses.replace(xml, interfaces=_with_addresses(dom, xml.interfaces))
