@@ -62,6 +62,7 @@ def agent(cluster: Kubectl, control_plane: ControlPlane, system_uri: str, foreig
     with AgentProcess(tmp_path_factory.mktemp("agent"), control_plane.admin_kubeconfig,
                       libvirt_uri=system_uri, node_name=NODE) as process:
         yield process
+        cluster("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=120s", timeout=150, check=False)
         print(process.log_tail(200))
 
 
@@ -190,8 +191,8 @@ def test_out_of_band_destroy_suspend_undefine_are_seen_and_undone(
 
 
 def owned_volumes(uid: str) -> list[str]:
-    listed = virsh("vol-list", "default", "--name")
-    return [line for line in listed.split() if line.startswith(uid)]
+    listed = virsh("vol-list", "default")
+    return [word for word in listed.split() if word.startswith(uid)]
 
 
 def test_delete_leaves_no_domain_volume_or_finalizer(agent: AgentProcess, control_plane: ControlPlane,

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from libvirt_operator import guest, nodes, reconcile
 from libvirt_operator.domains import DomainCache
 from libvirt_operator.host import Host, HostUnavailable
@@ -162,14 +164,28 @@ class Agent:
         try:
             await self.reconcile(uid)
             self.retries.pop(uid, None)
+        except ApiException as error:
+            if error.status == 404:
+                self.bodies.pop(uid, None)
+                return
+            self._retry_later(uid, f"API server answered {error.status} {error.reason}",
+                              quiet=error.status == 409)
         except Exception as error:
-            delay = min(self.retries.get(uid, RETRY_FIRST_SECONDS / 2) * 2, RETRY_MAX_SECONDS)
-            self.retries[uid] = delay
-            log.warning("reconcile of %s failed (%s: %s); retrying in %.0fs", uid, type(error).__name__, error, delay)
-            self.queue.add_after(uid, delay)
+            self._retry_later(uid, f"{type(error).__name__}: {error}")
         finally:
             self.reconciles += 1
             self.reconcile_seconds += time.monotonic() - began
+
+    def retry_delay(self, uid: str) -> float:
+        """The next delay of this VM's exponential retry backoff."""
+        delay = min(self.retries.get(uid, RETRY_FIRST_SECONDS / 2) * 2, RETRY_MAX_SECONDS)
+        self.retries[uid] = delay
+        return delay
+
+    def _retry_later(self, uid: str, why: str, *, quiet: bool = False) -> None:
+        delay = self.retry_delay(uid)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "reconcile of %s: %s; retrying in %.1fs", uid, why, delay)
+        self.queue.add_after(uid, delay)
 
     async def reconcile(self, uid: str) -> None:
         body = self.bodies.get(uid)
@@ -258,7 +274,8 @@ class _Run:
             finished = await self._act(decision.actions, snapshot)
             if not finished:
                 return
-            self.view = replace(self.view, status=decision.status)
+            if self.problem is None:
+                self.view = replace(self.view, status=decision.status)
             snapshot = await agent.cache.refresh(self.ref.uid)
             decision = self._decide(snapshot)
         if self.problem is not None:
@@ -278,9 +295,7 @@ class _Run:
         elif self.problem is not None and self.problem.stalled:
             queue.add_after(uid, self.agent.tuning.stalled_retry_seconds)
         elif self.problem is not None:
-            delay = min(self.agent.retries.get(uid, RETRY_FIRST_SECONDS / 2) * 2, RETRY_MAX_SECONDS)
-            self.agent.retries[uid] = delay
-            queue.add_after(uid, delay)
+            queue.add_after(uid, self.agent.retry_delay(uid))
 
     async def _act(self, actions: tuple[reconcile.Action, ...], snapshot: DomainSnapshot | None) -> bool:
         """Runs the actions in order; False when the VM is gone (finalizer released)."""

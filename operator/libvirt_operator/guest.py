@@ -734,6 +734,10 @@ def apply_definition(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings
                      owner: OwnerMetadata, user_data_lookup: UserDataLookup) -> str:
     """Defines the domain for `owner`'s generation, merged into the existing definition if there is one."""
     existing = _lookup(lambda: conn.lookupByUUIDString(vm.uid), libvirt.VIR_ERR_NO_DOMAIN)
+    namesake = _lookup(lambda: conn.lookupByName(vm.domain_name), libvirt.VIR_ERR_NO_DOMAIN)
+    if namesake is not None and namesake.UUIDString() != vm.uid:
+        raise SpecError("metadata.name", f"another domain named {vm.domain_name} (uuid {namesake.UUIDString()}) "
+                        "already exists on this node; remove it or rename the VirtualMachine")
     existing_xml = existing.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if existing is not None else None
     return provision_and_define(conn, spec, vm, settings, generation=owner.generation, spec_hash=owner.spec_hash,
                                 user_data_lookup=user_data_lookup, existing_xml=existing_xml)

@@ -384,7 +384,7 @@ def _ready(vm: VMView, snapshot: DomainSnapshot | None, plan: _Plan, problem: Pr
     if snapshot is None:
         return False, "NotDefined", "the domain is not defined yet"
     if snapshot.state in RUNNING_STATES:
-        return True, "RunningAsDesired", f"the domain is running on {snapshot.name}"
+        return True, "RunningAsDesired", f"the domain {snapshot.name} is running"
     if snapshot.state == "paused":
         if vm.spec.get("paused"):
             return True, "PausedAsDesired", "the domain is paused as spec.paused asks"
