@@ -149,10 +149,15 @@ class Agent:
                 else str(capacity.storage_pool_free_bytes),
             }
         await self.kube.announce_node(status)
-        live = nodes.live_node_names(await self.kube.list_nodes(), self.clock())
-        if live != self.live_nodes:
-            self.live_nodes = live | {self.settings.node_name}
+        if await self.refresh_live_nodes():
             await self.resync()
+
+    async def refresh_live_nodes(self) -> bool:
+        """Re-reads which agents are alive (before anything is reported Pending); True if it changed."""
+        live = nodes.live_node_names(await self.kube.list_nodes(), self.clock()) | {self.settings.node_name}
+        changed = live != self.live_nodes
+        self.live_nodes = live
+        return changed
 
     def _owned(self, body: Mapping[str, Any]) -> bool:
         return nodes.place(body.get("spec") or {}, self.settings.node_name, self.live_nodes).owned
@@ -193,6 +198,9 @@ class Agent:
             return
         spec = body.get("spec") or {}
         placement = nodes.place(spec, self.settings.node_name, self.live_nodes)
+        if placement.pending_message:
+            await self.refresh_live_nodes()
+            placement = nodes.place(spec, self.settings.node_name, self.live_nodes)
         if not placement.owned:
             if placement.pending_message and not body["metadata"].get("deletionTimestamp"):
                 await self.write_status(body, _pending_status(body, placement.pending_message, self.clock()))

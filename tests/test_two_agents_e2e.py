@@ -1,0 +1,73 @@
+"""Two agents with different node names on one API server each run only their own VMs.
+
+Each agent uses libvirt's test:///default driver, which is private to its process: a domain
+an agent defines exists only in that agent's hypervisor, so a VM acted on twice would show
+as two domains, which the status (domain uuid and node) would reveal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e import Kubectl, get_vm, vm_manifest, wait_vm
+from libvirt_operator.testing.agent_process import AgentProcess
+from libvirt_operator.testing.controlplane import ControlPlane
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).parent.parent
+NAMESPACE = "two-agents"
+TEST_DRIVER_ARGS = ("--storage-pool", "default-pool", "--relist-seconds", "5")
+
+
+@pytest.fixture(scope="module")
+def agents(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentProcess]]:
+    kubectl = control_plane.kubectl
+    for crd in ("virtualmachine", "libvirtnode"):
+        kubectl("apply", "-f", str(ROOT / "crds" / f"{crd}.yaml"))
+    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io", "--timeout=30s")
+    kubectl("create", "namespace", NAMESPACE, check=False)
+    workdir = tmp_path_factory.mktemp("two-agents")
+    running = {}
+    for node in ("node-a", "node-b"):
+        running[node] = AgentProcess(workdir, control_plane.admin_kubeconfig, libvirt_uri="test:///default",
+                                     node_name=node, extra_args=TEST_DRIVER_ARGS)
+        running[node].start()
+    yield running
+    kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=60s", check=False, timeout=90)
+    for process in running.values():
+        process.stop()
+
+
+def test_each_agent_runs_only_its_own_vms(agents: dict[str, AgentProcess], control_plane: ControlPlane) -> None:
+    kubectl: Kubectl = control_plane.kubectl
+    for name, node in (("on-a", "node-a"), ("on-b", "node-b")):
+        kubectl("apply", "-f", "-", input=vm_manifest(name, NAMESPACE, nodeName=node, memory="64Mi"))
+    for name in ("on-a", "on-b"):
+        wait_vm(kubectl, name, NAMESPACE, "condition=Ready", timeout=60)
+    for name, node in (("on-a", "node-a"), ("on-b", "node-b")):
+        vm = get_vm(kubectl, name, NAMESPACE)
+        assert vm["status"]["nodeName"] == node
+        assert vm["status"]["domain"]["uuid"] == vm["metadata"]["uid"]
+        assert vm["status"]["printableStatus"] == "Running"
+    nodes = {n["metadata"]["name"]: n["status"] for n in json.loads(kubectl("get", "libvirtnodes", "-o", "json").stdout)["items"]}
+    assert nodes["node-a"]["vms"] == 1 or nodes["node-a"]["connected"]
+    assert {"node-a", "node-b"} <= set(nodes)
+    for node in ("node-a", "node-b"):
+        log = agents[node].log_path.read_text()
+        other = "on-b" if node == "node-a" else "on-a"
+        assert f"{NAMESPACE}_{other}" not in log
+
+
+def test_without_node_name_two_live_agents_report_pending(agents: dict[str, AgentProcess], control_plane: ControlPlane) -> None:
+    kubectl: Kubectl = control_plane.kubectl
+    kubectl("apply", "-f", "-", input=vm_manifest("anywhere", NAMESPACE, memory="64Mi"))
+    wait_vm(kubectl, "anywhere", NAMESPACE, "jsonpath={.status.printableStatus}=Pending", timeout=60)
+    stalled = next(c for c in get_vm(kubectl, "anywhere", NAMESPACE)["status"]["conditions"] if c["type"] == "Stalled")
+    assert "set spec.nodeName to one of: node-a, node-b" in stalled["message"]
+    assert "domain" not in get_vm(kubectl, "anywhere", NAMESPACE)["status"]
+    kubectl("delete", "vm", "anywhere", "-n", NAMESPACE, "--timeout=30s")
