@@ -71,3 +71,12 @@ def test_without_node_name_two_live_agents_report_pending(agents: dict[str, Agen
     assert "set spec.nodeName to one of: node-a, node-b" in stalled["message"]
     assert "domain" not in get_vm(kubectl, "anywhere", NAMESPACE)["status"]
     kubectl("delete", "vm", "anywhere", "-n", NAMESPACE, "--timeout=30s")
+
+
+def test_agent_metrics_count_reconciles_calls_writes_and_domains(agents: dict[str, AgentProcess]) -> None:
+    text = agents["node-a"].metrics()
+    for name in ("libvirt_operator_reconciles_total", "libvirt_operator_libvirt_calls_total{api=\"listAllDomains\"}",
+                 "libvirt_operator_kubernetes_writes_total{resource=\"virtualmachines/status\",verb=\"patch\"}",
+                 "libvirt_operator_domains{state=\"running\"}", "libvirt_operator_event_to_status_seconds_bucket",
+                 "libvirt_operator_queue_depth", "libvirt_operator_libvirt_connected 1.0"):
+        assert name in text, name

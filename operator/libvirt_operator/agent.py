@@ -19,6 +19,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator import guest, nodes, reconcile
+from libvirt_operator.metrics import EVENT_TO_STATUS
 from libvirt_operator.domains import DomainCache
 from libvirt_operator.host import Host, HostUnavailable
 from libvirt_operator.kube import FINALIZER, KubeClient, now_iso, status_merge_patch
@@ -66,6 +67,7 @@ class Agent:
         self.live_nodes: frozenset[str] = frozenset({settings.node_name})
         self.retries: dict[str, float] = {}
         self.stats_written: dict[str, float] = {}
+        self.woken_at: dict[str, float] = {}
         self.reconciles = 0
         self.reconcile_seconds = 0.0
         self.started = time.monotonic()
@@ -118,6 +120,7 @@ class Agent:
 
     def _domain_changed(self, uuid: str) -> None:
         if uuid in self.bodies:
+            self.woken_at.setdefault(uuid, time.monotonic())
             self.queue.add(uuid)
 
     async def resync(self) -> None:
@@ -214,6 +217,7 @@ class Agent:
         old = body.get("status") or {}
         uid = body["metadata"]["uid"]
         now = time.monotonic()
+        woken = self.woken_at.pop(uid, None)
         if _significant(old) == _significant(status):
             last = self.stats_written.get(uid, self.started)
             if old.get("stats") == status.get("stats") or now - last < self.tuning.stats_seconds:
@@ -223,6 +227,8 @@ class Agent:
             return
         meta = body["metadata"]
         updated = await self.kube.patch_vm_status(meta["namespace"], meta["name"], patch)
+        if woken is not None:
+            EVENT_TO_STATUS.observe(time.monotonic() - woken)
         self.stats_written[uid] = now
         if uid in self.bodies and not _newer_or_same(self.bodies[uid], updated):
             self.bodies[uid] = updated

@@ -20,6 +20,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", type=Path, default=None,
                         help="kubeconfig file (default: in-cluster ServiceAccount, else $KUBECONFIG)")
     parser.add_argument("--liveness-port", type=int, default=8080, help="port of the /healthz endpoint")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="port of the Prometheus /metrics endpoint; 0: off")
     parser.add_argument("--domain-type", choices=("kvm", "qemu"), default=defaults.domain_type,
                         help="domain type for VMs that do not set spec.domainType")
     parser.add_argument("--allowed-root", type=Path, action="append", dest="allowed_roots",
@@ -46,7 +47,7 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from libvirt_operator import handlers
+    from libvirt_operator import handlers, metrics
     from libvirt_operator.agent import Agent, Tuning
     from libvirt_operator.domains import DomainCache
     from libvirt_operator.host import Host
@@ -63,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     def make_agent() -> Agent:
         host = Host(settings.libvirt_uri)
         kube = KubeClient.from_environment("libvirt-operator", settings.node_name, args.kubeconfig and str(args.kubeconfig))
-        return Agent(settings, kube, host, DomainCache(host, relist_interval=args.relist_seconds), tuning)
+        agent = Agent(settings, kube, host, DomainCache(host, relist_interval=args.relist_seconds), tuning)
+        if args.metrics_port:
+            metrics.serve(agent, args.metrics_port)
+        return agent
 
     handlers.run(make_agent, liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz")
     return 0

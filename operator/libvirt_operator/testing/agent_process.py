@@ -24,6 +24,7 @@ class AgentProcess:
         self.node_name = node_name
         self.extra_args = extra_args
         self.liveness_port = free_port()
+        self.metrics_port = free_port()
         self.log_path = workdir / f"agent-{node_name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -38,7 +39,8 @@ class AgentProcess:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "libvirt_operator.cli", "run", "--libvirt-uri", self.libvirt_uri,
                 "--node-name", self.node_name, "--kubeconfig", str(self.kubeconfig),
-                "--liveness-port", str(self.liveness_port), *self.extra_args]
+                "--liveness-port", str(self.liveness_port), "--metrics-port", str(self.metrics_port),
+                *self.extra_args]
 
     def start(self, timeout: float = 60) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +62,11 @@ class AgentProcess:
                 return reply.status == 200
         except OSError:
             return False
+
+    def metrics(self) -> str:
+        """The agent's Prometheus metrics, as text."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
 
     def stop(self) -> None:
         """SIGTERM, as Kubernetes stops a pod; SIGKILL if it hangs."""
