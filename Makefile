@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTEST := $(VENV)/bin/pytest
 PY := $(VENV)/bin/python
 
-.PHONY: deps test test-unit test-libvirt test-e2e lock bench demo demo-down
+.PHONY: deps test test-unit test-libvirt test-e2e lock bench demo demo-down audit
 
 deps:
 	bash hack/install-deps.sh
@@ -24,3 +24,19 @@ test-e2e: deps
 ## Re-pin requirements.lock from the current virtualenv after changing pyproject.toml.
 lock:
 	$(VENV)/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+## The operator on embedded defaults: local control plane, agent on libvirt's test driver
+## (LIBVIRT_URI=qemu:///system for real guests), examples/ applied and Ready. Left running.
+demo: deps
+	$(PY) hack/demo.py up
+
+demo-down:
+	$(PY) hack/demo.py down
+
+## Benchmarks (bench/README.md); QUICK=1 for small N.
+bench: deps
+	$(PY) bench/run_all.py $(if $(QUICK),--quick)
+
+## Known vulnerabilities in the locked dependencies.
+audit: deps
+	$(VENV)/bin/pip-audit --strict -r requirements.lock
