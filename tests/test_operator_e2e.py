@@ -186,7 +186,16 @@ def test_out_of_band_destroy_suspend_undefine_are_seen_and_undone(
     virsh("undefine", domain_name("oob"))
     undefined = seconds_until(lambda: event_reasons(kubectl, "oob", NAMESPACE)["Redefined"] >= 1)
     assert "Persistent:     yes" in virsh("dominfo", domain_name("oob"))
-    print(f"out-of-band to status: destroy {destroyed:.2f}s, suspend {suspended:.2f}s, undefine {undefined:.2f}s")
+    edited = virsh("dumpxml", "--inactive", domain_name("oob")).replace(
+        "<memory unit='KiB'>131072</memory>", "<memory unit='KiB'>262144</memory>")
+    assert "262144" in edited
+    path = Path("/tmp/lvo-e2e-edited.xml")
+    path.write_text(edited)
+    virsh("define", str(path))  # what `virsh edit` does
+    edit = seconds_until(lambda: event_reasons(kubectl, "oob", NAMESPACE)["Redefined"] >= 2)
+    wait_until(lambda: "131072" in virsh("dumpxml", "--inactive", domain_name("oob")), what="memory restored")
+    print(f"out-of-band to status: destroy {destroyed:.2f}s, suspend {suspended:.2f}s, undefine {undefined:.2f}s, "
+          f"edit {edit:.2f}s")
     delete_vm(kubectl, "oob")
 
 

@@ -365,3 +365,16 @@ def test_a_running_domain_undefined_outside_is_defined_again() -> None:
     decision = decide(vm(status=running_since("Always", T0)), transient, T0, NODE)
     assert kinds(decision) == ["define"]
     assert "undefined outside the operator" in decision.actions[0].event.message
+
+
+def test_a_definition_edited_outside_is_defined_again_once() -> None:
+    ours = replace(snapshot(), config_digest="d1")
+    adopted = decide(vm(status=running_since("Always", T0)), ours, T0, NODE)
+    assert kinds(adopted) == [] and adopted.status["lifecycle"]["definitionDigest"] == "d1"
+    edited = replace(ours, config_digest="d2", revision=8)
+    decision = decide(vm(status=adopted.status), edited, T0, NODE)
+    assert kinds(decision) == ["define"]
+    assert "changed outside the operator" in decision.actions[0].event.message
+    redefined = replace(ours, config_digest="d3", revision=9)
+    after = decide(vm(status=decision.status), redefined, T0, NODE)
+    assert kinds(after) == [] and after.status["lifecycle"]["definitionDigest"] == "d3"

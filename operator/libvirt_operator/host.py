@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -77,6 +78,7 @@ class DomainFacts:
     live_owner: OwnerMetadata | None
     interfaces: tuple[InterfaceFacts, ...]
     stats: Stats
+    config_digest: str | None = None
 
     @property
     def owner(self) -> OwnerMetadata | None:
@@ -304,6 +306,7 @@ class _XmlFacts:
     config_owner: OwnerMetadata | None
     live_owner: OwnerMetadata | None
     interfaces: tuple[InterfaceFacts, ...]
+    config_digest: str | None
 
 
 def _read_xml(dom: Any, active: bool) -> _XmlFacts:
@@ -315,6 +318,7 @@ def _read_xml(dom: Any, active: bool) -> _XmlFacts:
         config_owner=metadata.owner_from_domain(config) if persistent else None,
         live_owner=metadata.owner_from_domain(live) if active else None,
         interfaces=metadata.interfaces_from_domain(live),
+        config_digest=hashlib.sha256(etree.tostring(config, method="c14n")).hexdigest() if persistent else None,
     )
 
 
@@ -742,6 +746,7 @@ class Host:
             uuid=uuid, name=dom.name(), state=state, reason=reason_name(state, int(stats.get("state.reason", 0))),
             id=domain_id if active and domain_id >= 0 else None, persistent=xml.persistent,
             config_owner=xml.config_owner, live_owner=xml.live_owner, interfaces=xml.interfaces, stats=dict(stats),
+            config_digest=xml.config_digest,
         )
 
 

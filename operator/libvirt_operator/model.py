@@ -86,6 +86,8 @@ class DomainSnapshot:
     live_owner: OwnerMetadata | None = None
     interfaces: tuple[InterfaceFacts, ...] = ()
     stats: dict[str, float] = field(default_factory=dict)
+    config_digest: str | None = None
+    """A digest of the persistent definition's XML: changes when anyone redefines the domain."""
 
     @property
     def active(self) -> bool:

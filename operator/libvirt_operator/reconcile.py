@@ -13,6 +13,8 @@ The `status.lifecycle` block is the operator's bookkeeping:
   `SHORT_RUN` counts as a failure for the crash-loop backoff).
 - `consecutiveFailures`, `retryAfter`: the crash-loop backoff.
 - `restartRequest`: the last value of the restart annotation acted upon.
+- `definitionDigest`: the digest of the definition the operator last applied, so a
+  definition edited behind its back (`virsh edit`) is noticed and defined again.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class Lifecycle:
     retry_after: str | None = None
     restart_request: str | None = None
     restart_count: int = 0
+    definition_digest: str | None = None
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> Lifecycle:
@@ -148,6 +151,7 @@ class Lifecycle:
             consecutive_failures=int(block.get("consecutiveFailures", 0)),
             retry_after=block.get("retryAfter"),
             restart_request=block.get("restartRequest"),
+            definition_digest=block.get("definitionDigest"),
             restart_count=int(status.get("restartCount", 0)),
         )
 
@@ -158,6 +162,7 @@ class Lifecycle:
             "consecutiveFailures": self.consecutive_failures or None,
             "retryAfter": self.retry_after,
             "restartRequest": self.restart_request,
+            "definitionDigest": self.definition_digest,
         }
         return {key: value for key, value in block.items() if value is not None}
 
@@ -217,7 +222,15 @@ def _definition_current(vm: VMView, snapshot: DomainSnapshot | None) -> bool:
 
 
 def _plan_definition(vm: VMView, snapshot: DomainSnapshot | None, plan: _Plan) -> None:
+    recorded = plan.lifecycle.definition_digest
+    plan.lifecycle = replace(plan.lifecycle, definition_digest=None)
     if _definition_current(vm, snapshot):
+        digest = snapshot.config_digest
+        if recorded is None or digest is None or recorded == digest:
+            plan.lifecycle = replace(plan.lifecycle, definition_digest=digest)
+        else:
+            plan.add("define", "Redefined", "the domain definition was changed outside the operator "
+                     "(virsh edit?); defined it again from the spec")
         return
     if snapshot is None:
         if vm.status.get("domain"):
