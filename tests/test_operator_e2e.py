@@ -248,3 +248,25 @@ def test_a_vm_for_a_node_without_an_agent_is_pending(agent: AgentProcess, contro
     nodes = json.loads(kubectl("get", "libvirtnodes", "-o", "json").stdout)["items"]
     mine = next(node for node in nodes if node["metadata"]["name"] == NODE)
     assert mine["status"]["hypervisor"]["type"] == "QEMU" and mine["status"]["capacity"]["vcpus"] >= 1
+
+
+def test_bad_input_at_reconcile_is_stalled_naming_the_field_then_fixed(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    apply_vm(kubectl, "escape", **guest_spec(guest_image, NODE, disks=[
+        {"name": "root", "image": {"path": "/var/lib/libvirt/../../etc/passwd", "clone": True}}]))
+    wait_vm(kubectl, "escape", NAMESPACE, "condition=Stalled")
+    current = status(kubectl, "escape")
+    stalled = next(c for c in current["conditions"] if c["type"] == "Stalled")
+    assert stalled["message"].startswith("spec.disks[0].image.path: ")
+    assert "outside the allowed roots" in stalled["message"]
+    assert current["printableStatus"] == "Failed" and current["ready"] is False
+    assert current["observedGeneration"] == 1
+    assert "Failed" in event_reasons(kubectl, "escape", NAMESPACE) or stalled["reason"] == "InvalidSpec"
+    assert domain_name("escape") not in virsh("list", "--all", "--name").split()
+    kubectl("patch", "vm", "escape", "-n", NAMESPACE, "--type=json", "-p",
+            '[{"op":"replace","path":"/spec/disks/0/image/path","value":"%s"}]' % guest_image.disk)
+    wait_vm(kubectl, "escape", NAMESPACE, "condition=Ready")
+    assert status(kubectl, "escape")["observedGeneration"] == 2
+    delete_vm(kubectl, "escape")
+    assert guest_image.disk.exists()

@@ -111,12 +111,23 @@ class Agent:
             self.bodies.pop(uid, None)
             self.retries.pop(uid, None)
             self.stats_written.pop(uid, None)
+            if self.cache.get(uid) is not None:
+                self._tasks.append(asyncio.create_task(self.remove_orphan(uid)))
             return
         held = self.bodies.get(uid)
         if held is not None and _newer_or_same(held, body):
             return
         self.bodies[uid] = dict(body)
         self.queue.add(uid)
+
+    async def remove_orphan(self, uid: str) -> None:
+        """A VM deleted without its finalizer having run (removed by hand): its domain and disks go too."""
+        try:
+            deleted = await self.host.call(guest.undefine_and_delete, uid, self.settings)
+            log.warning("VM %s was deleted without the operator's finalizer; removed its domain and volumes %s",
+                        uid, deleted)
+        except (HostUnavailable, guest.LIBVIRT_ERROR) as error:
+            log.warning("could not remove the orphaned domain %s: %s", uid, error)
 
     def _domain_changed(self, uuid: str) -> None:
         if uuid in self.bodies:
