@@ -12,9 +12,12 @@ from typing import Any
 
 import yaml
 
+from pathlib import Path
+
 from libvirt_operator.testing.libvirt_env import GuestImage
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
+CRDS = Path(__file__).parent.parent / "crds"
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
 _REQUESTS = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
 
@@ -86,3 +89,11 @@ def _split_labels(text: str) -> Iterator[str]:
 
 def virsh(*args: str, uri: str = "qemu:///system", check: bool = True) -> str:
     return subprocess.run(["virsh", "-c", uri, *args], capture_output=True, text=True, check=check, timeout=60).stdout
+
+
+def install_crds(kubectl: Kubectl, namespace: str) -> None:
+    """Applies both CRDs, waits until they serve, and creates `namespace`."""
+    kubectl("apply", "-f", str(CRDS))
+    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io",
+            "crd/libvirtnodes.libvirt-operator.io", "--timeout=30s")
+    kubectl("create", "namespace", namespace, check=False)

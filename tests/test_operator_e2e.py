@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +19,11 @@ from libvirt_operator.testing.agent_process import AgentProcess
 from libvirt_operator.testing.controlplane import ControlPlane
 from libvirt_operator.testing.libvirt_env import GuestImage
 from e2e import (
-    Kubectl, event_reasons, get_vm, guest_spec, virsh, vm_manifest, wait_until, wait_vm, write_counts,
+    Kubectl, install_crds, event_reasons, get_vm, guest_spec, virsh, vm_manifest, wait_until, wait_vm, write_counts,
 )
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).parent.parent
 NAMESPACE = "e2e"
 NODE = "node-qemu"
 FOREIGN = "lvo-e2e-foreign"
@@ -36,11 +34,7 @@ FOREIGN_XML = f"""<domain type='qemu'><name>{FOREIGN}</name><memory unit='MiB'>3
 @pytest.fixture(scope="module")
 def cluster(control_plane: ControlPlane) -> Kubectl:
     kubectl = control_plane.kubectl
-    for crd in ("virtualmachine", "libvirtnode"):
-        kubectl("apply", "-f", str(ROOT / "crds" / f"{crd}.yaml"))
-    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io",
-            "crd/libvirtnodes.libvirt-operator.io", "--timeout=30s")
-    kubectl("create", "namespace", NAMESPACE, check=False)
+    install_crds(kubectl, NAMESPACE)
     return kubectl
 
 

@@ -378,3 +378,12 @@ def test_a_definition_edited_outside_is_defined_again_once() -> None:
     redefined = replace(ours, config_digest="d3", revision=9)
     after = decide(vm(status=decision.status), redefined, T0, NODE)
     assert kinds(after) == [] and after.status["lifecycle"]["definitionDigest"] == "d3"
+
+
+def test_a_domain_stuck_starting_up_is_started_again_after_a_while() -> None:
+    stuck = snapshot("paused", "starting up")
+    fresh = decide(vm(status=running_since("Always", T0)), stuck, T0 + datetime.timedelta(seconds=5), NODE)
+    assert kinds(fresh) == [] and fresh.requeue_after == 30
+    late = decide(vm(status=running_since("Always", T0)), stuck, T0 + datetime.timedelta(seconds=31), NODE)
+    assert kinds(late) == ["stop", "start"]
+    assert late.actions[0].grace_seconds == 0

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from e2e import Kubectl, get_vm, vm_manifest, wait_vm
+from e2e import Kubectl, get_vm, install_crds, vm_manifest, wait_vm
 from libvirt_operator.testing.agent_process import AgentProcess
 from libvirt_operator.testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).parent.parent
 NAMESPACE = "two-agents"
 TEST_DRIVER_ARGS = ("--storage-pool", "default-pool", "--relist-seconds", "5")
 
@@ -27,10 +25,7 @@ TEST_DRIVER_ARGS = ("--storage-pool", "default-pool", "--relist-seconds", "5")
 @pytest.fixture(scope="module")
 def agents(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentProcess]]:
     kubectl = control_plane.kubectl
-    for crd in ("virtualmachine", "libvirtnode"):
-        kubectl("apply", "-f", str(ROOT / "crds" / f"{crd}.yaml"))
-    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io", "--timeout=30s")
-    kubectl("create", "namespace", NAMESPACE, check=False)
+    install_crds(kubectl, NAMESPACE)
     workdir = tmp_path_factory.mktemp("two-agents")
     running = {}
     for node in ("node-a", "node-b"):

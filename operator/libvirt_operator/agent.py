@@ -68,6 +68,8 @@ class Agent:
         self.retries: dict[str, float] = {}
         self.stats_written: dict[str, float] = {}
         self.woken_at: dict[str, float] = {}
+        self.unwritten: dict[str, dict[str, Any]] = {}
+        """Statuses whose write failed: they carry the lifecycle memory (restarts made) until written."""
         self.reconciles = 0
         self.reconcile_seconds = 0.0
         self.started = time.monotonic()
@@ -109,6 +111,7 @@ class Agent:
         uid = body["metadata"]["uid"]
         if event_type == "DELETED":
             self.bodies.pop(uid, None)
+            self.unwritten.pop(uid, None)
             self.retries.pop(uid, None)
             self.stats_written.pop(uid, None)
             if self.cache.get(uid) is not None:
@@ -229,6 +232,7 @@ class Agent:
         uid = body["metadata"]["uid"]
         now = time.monotonic()
         woken = self.woken_at.pop(uid, None)
+        self.unwritten.pop(uid, None)
         if _significant(old) == _significant(status):
             last = self.stats_written.get(uid, self.started)
             if old.get("stats") == status.get("stats") or now - last < self.tuning.stats_seconds:
@@ -237,7 +241,11 @@ class Agent:
         if not patch:
             return
         meta = body["metadata"]
-        updated = await self.kube.patch_vm_status(meta["namespace"], meta["name"], patch)
+        try:
+            updated = await self.kube.patch_vm_status(meta["namespace"], meta["name"], patch)
+        except Exception:
+            self.unwritten[uid] = status
+            raise
         if woken is not None:
             EVENT_TO_STATUS.observe(time.monotonic() - woken)
         self.stats_written[uid] = now
@@ -275,7 +283,7 @@ class _Run:
         self.spec_dict = body.get("spec") or {}
         self.view = reconcile.VMView(
             name=meta["name"], generation=meta.get("generation", 1), spec=self.spec_dict,
-            spec_hash=spec_hash(self.spec_dict), status=body.get("status") or {},
+            spec_hash=spec_hash(self.spec_dict), status=agent.unwritten.get(meta["uid"]) or body.get("status") or {},
             annotations=meta.get("annotations") or {}, deleting=bool(meta.get("deletionTimestamp")),
             has_finalizer=FINALIZER in (meta.get("finalizers") or []),
         )
@@ -301,6 +309,7 @@ class _Run:
                 return
             if self.problem is None:
                 self.view = replace(self.view, status=decision.status)
+                agent.unwritten[self.ref.uid] = decision.status
             snapshot = await agent.cache.refresh(self.ref.uid)
             decision = self._decide(snapshot)
         if self.problem is not None:

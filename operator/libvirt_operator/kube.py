@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import logging
 from collections import Counter
 from typing import Any
 
@@ -15,6 +16,8 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator import API_GROUP, API_VERSION, PLURAL
+
+log = logging.getLogger(__name__)
 
 FINALIZER = f"{API_GROUP}/domain"
 NODE_PLURAL = "libvirtnodes"
@@ -106,8 +109,8 @@ class KubeClient:
         }
         try:
             await self._write("create", "events", self.core.create_namespaced_event, meta["namespace"], body)
-        except ApiException:
-            pass  # an Event is a courtesy: losing one must not stop a reconcile
+        except Exception as error:  # an Event is a courtesy: losing one must not stop a reconcile
+            log.info("event %s for %s/%s not posted: %s", reason, meta["namespace"], meta["name"], error)
 
     async def list_nodes(self) -> list[dict[str, Any]]:
         result = await asyncio.to_thread(self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, NODE_PLURAL)

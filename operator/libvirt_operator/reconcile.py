@@ -30,7 +30,7 @@ RESTART_ANNOTATION = "libvirt-operator.io/restart"
 SHORT_RUN = datetime.timedelta(seconds=60)
 BACKOFF_FIRST_SECONDS = 10
 BACKOFF_MAX_SECONDS = 300
-STOPPING_RECHECK_SECONDS = 5.0
+STUCK_START = datetime.timedelta(seconds=30)
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Paused", "RestartRequired")
 FAILED_SHUTOFF_REASONS = frozenset({"crashed", "destroyed", "failed", "unknown", "daemon"})
 TRANSIENT_PAUSE_REASONS = frozenset({"migration", "save", "dump", "snapshot", "starting up", "shutting down"})
@@ -315,12 +315,26 @@ def _plan_running(vm: VMView, snapshot: DomainSnapshot, now: datetime.datetime, 
         plan.add("start", "Restarted", f"restarted the domain: {why}", start_paused=bool(vm.spec.get("paused")))
         plan.lifecycle = plan.lifecycle.started(now, restart=False)
         return
+    if _stuck_starting(snapshot, plan.lifecycle, now):
+        plan.add("stop")
+        plan.add("start", "Restarted", "the domain was stuck starting up (was libvirtd restarted while starting it?); "
+                 "started it again", start_paused=bool(vm.spec.get("paused")))
+        plan.lifecycle = plan.lifecycle.started(now, restart=False)
+        return
+    if snapshot.state == "paused" and snapshot.reason == "starting up":
+        plan.requeue(STUCK_START.total_seconds())
     if vm.spec.get("paused") and snapshot.state in RUNNING_STATES:
         plan.add("suspend", "Paused", "suspended the domain (spec.paused)")
     elif not vm.spec.get("paused") and snapshot.state == "paused" and snapshot.reason not in TRANSIENT_PAUSE_REASONS:
         message = "resumed the domain (spec.paused is false)" if _paused_by_spec(vm) else \
             f"the domain was paused outside the operator ({snapshot.reason}); resumed it"
         plan.add("resume", "Resumed", message)
+
+
+def _stuck_starting(snapshot: DomainSnapshot, lifecycle: Lifecycle, now: datetime.datetime) -> bool:
+    started = parse_time(lifecycle.start_time)
+    return (snapshot.state == "paused" and snapshot.reason == "starting up"
+            and (started is None or now - started > STUCK_START))
 
 
 def _plan_start(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.datetime, plan: _Plan) -> None:

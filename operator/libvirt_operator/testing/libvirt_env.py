@@ -97,18 +97,18 @@ def stop_daemons() -> None:
         time.sleep(0.1)
 
 
-def kill_libvirtd() -> None:
-    """`kill -9` of libvirtd, as a crash would; QEMU guests keep running."""
+def kill_libvirtd(signum: int = signal.SIGKILL) -> None:
+    """`kill -9` of libvirtd, as a crash would (SIGTERM: a service restart); QEMU guests keep running."""
     for pid in _pids("libvirtd"):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
     deadline = time.monotonic() + 10
     while _pids("libvirtd") and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
-def restart_libvirtd() -> None:
-    kill_libvirtd()
+def restart_libvirtd(signum: int = signal.SIGKILL) -> None:
+    kill_libvirtd(signum)
     start_daemons()
 
 
