@@ -22,7 +22,7 @@ from libvirt_operator import API_GROUP, KIND
 from libvirt_operator.guest import plan_disks, render
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.paths import confine_spec
-from libvirt_operator.runner import add_run_arguments, run
+from libvirt_operator.runner import add_run_arguments, run as run_agent
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
 
 EXIT_INVALID = 2
@@ -77,7 +77,7 @@ def _render(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "render": ("print the domain XML a VirtualMachine manifest gives, without libvirt", _add_render_arguments, _render),
-    "run": ("run the agent for one node", add_run_arguments, run),
+    "run": ("run the agent for one node", add_run_arguments, run_agent),
 }
 """name -> (help, add its arguments, run it)."""
 
@@ -85,10 +85,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="libvirt-operator")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
+    for name, (help_text, add_arguments, command) in SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text)
         add_arguments(subparser)
-        subparser.set_defaults(run=run)
+        subparser.set_defaults(run=command)
     return parser
 
 

@@ -773,9 +773,13 @@ def _paused(dom: libvirt.virDomain) -> bool:
 
 
 def start(conn: libvirt.virConnect, uuid: str, paused: bool = False) -> None:
+    """Starts the domain, paused if asked (start-then-suspend where the driver cannot start paused)."""
     dom = _domain(conn, uuid)
-    flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
-    _unless_already(dom.isActive(), lambda: dom.createWithFlags(flags))
+    if not paused:
+        _unless_already(dom.isActive(), dom.create)
+        return
+    _unless_already(dom.isActive(), lambda: _with_flags(dom.createWithFlags, (libvirt.VIR_DOMAIN_START_PAUSED, 0)))
+    _unless_already(_paused(dom), dom.suspend)
 
 
 def shutdown(conn: libvirt.virConnect, uuid: str) -> None:
