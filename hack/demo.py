@@ -44,7 +44,7 @@ def up(libvirt_uri: str) -> int:
     (DEMO_DIR / "agent.json").write_text(json.dumps({"pid": agent.process.pid, "log": str(agent.log_path)}))
     kubectl("apply", "-f", str(ROOT / "examples"))
     began = time.monotonic()
-    kubectl("wait", "--for=condition=Ready", "vm", "--all", "-A", "--timeout=180s", timeout=200)
+    kubectl("wait", "--for=condition=Ready", "vm", "--all", "-A", "--timeout=120s", timeout=150)
     print(f"\nEvery example VM is Ready ({time.monotonic() - began:.1f}s after apply):\n")
     print(kubectl("get", "vm", "-A", "-o", "wide").stdout)
     print(kubectl("get", "libvirtnodes").stdout)

@@ -320,7 +320,8 @@ def test_a_stalled_problem_stops_actions_and_says_why() -> None:
 def test_a_transient_problem_keeps_reconciling() -> None:
     problem = Problem("LibvirtUnavailable", "libvirt at qemu:///system does not answer", stalled=False)
     decision = decide(vm(), None, T0, NODE, problem)
-    assert kinds(decision) == ["define", "start"]
+    assert kinds(decision) == []
+    assert decision.status["lifecycle"] == {}
     assert condition(decision, "Reconciling")["status"] == "True"
     assert condition(decision, "Ready")["reason"] == "LibvirtUnavailable"
 

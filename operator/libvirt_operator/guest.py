@@ -457,6 +457,8 @@ def seed_iso(user_data: str, meta_data: str, network_data: str | None) -> bytes:
 
 
 def _upload(conn: libvirt.virConnect, volume: libvirt.virStorageVol, data: BinaryIO, length: int) -> None:
+    if conn.getType() == "TEST":
+        return  # libvirt's test driver simulates pools: its volumes have a size but hold no bytes
     stream = conn.newStream(0)
     volume.upload(stream, 0, length, 0)
     try:

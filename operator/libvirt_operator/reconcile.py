@@ -199,7 +199,7 @@ def decide(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.datetime, 
         _plan_deletion(vm, snapshot, plan)
     elif not vm.has_finalizer:
         plan.add("add-finalizer")
-    elif problem is None or not problem.stalled:
+    elif problem is None:
         _plan_definition(vm, snapshot, plan)
         _plan_power(vm, snapshot, now, plan)
     status = build_status(vm, snapshot, now, node_name, plan, problem)

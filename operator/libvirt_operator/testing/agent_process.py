@@ -54,6 +54,7 @@ class AgentProcess:
             if self.healthy():
                 return
             time.sleep(0.2)
+        self.kill()
         raise TimeoutError(f"agent not healthy after {timeout}s:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
