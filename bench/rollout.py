@@ -1,0 +1,120 @@
+"""Scenarios 1 and 2: rollout of N VMs created 100 ms apart, and the ceiling of a plain client.
+
+Rollout: creation-to-Ready p50/p95/max (first watch event with status.ready true, minus the
+wall time just before the VM's POST), rollout time (first POST to last Ready), Kubernetes writes
+per VM by verb (apiserver_request_total, the bench's own POSTs of VirtualMachines left out),
+libvirt calls per VM (the agent's /metrics), the agent's peak RSS and CPU seconds.
+
+Ceiling: with no agent running, a plain Python client creates the same N objects on the same
+100 ms schedule and patches one status each right after each creation; also once as fast as
+it can (unpaced). The rollout/ceiling ratio says how far the agent is from keeping up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from common import (
+    GROUP, PLURAL, TEST_DRIVER_ARGS, TEST_DRIVER_URI, VERSION, AgentMetrics, Bench, agent_metrics, agent_writes, diff,
+    log, percentile, proc_usage,
+)
+from libvirt_operator.testing.agent_process import AgentProcess
+
+INTERVAL = 0.1
+READY_STATUS = {"printableStatus": "Running", "ready": True, "nodeName": "nowhere"}
+
+
+def ceiling(bench: Bench, n: int, scenario: str = "ceiling-test") -> dict[str, float]:
+    """Paced and unpaced create + one status write per object, with no agent running; seconds."""
+    namespace = bench.namespace("bench-ceiling")
+    names = [f"c-{i:04d}" for i in range(n)]
+
+    def write_status(name: str) -> None:
+        bench.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name,
+                                                           {"status": READY_STATUS})
+
+    began = time.monotonic()
+    bench.create_paced(namespace, names, lambda _: {"nodeName": "nowhere", "memory": "64Mi"},
+                       interval=INTERVAL, after_each=write_status)
+    paced = time.monotonic() - began
+    bench.delete_all(namespace)
+    began = time.monotonic()
+    bench.create_paced(namespace, names, lambda _: {"nodeName": "nowhere", "memory": "64Mi"},
+                       interval=0, after_each=write_status)
+    unpaced = time.monotonic() - began
+    bench.delete_all(namespace)
+    bench.add(scenario, "ceiling_paced_seconds", paced, "s", f"N={n}, 100 ms apart, create + 1 status patch each")
+    bench.add(scenario, "ceiling_unpaced_seconds", unpaced, "s", f"N={n}, back to back, create + 1 status patch each")
+    return {"paced": paced, "unpaced": unpaced}
+
+
+def rollout(bench: Bench, scenario: str, agent: AgentProcess, namespace: str, names: list[str],
+            spec: Callable[[str], dict[str, Any]], timeout: float) -> dict[str, Any]:
+    """Creates `names` 100 ms apart and waits until each is Ready; records the figures."""
+    n = len(names)
+    writes_before = bench.api_writes()
+    metrics_before = agent_metrics(agent)
+    _, cpu_before = proc_usage(agent.process.pid)
+    created = bench.create_paced(namespace, names, spec, interval=INTERVAL)
+    ready = bench.watch.wait_ready(namespace, names, timeout=timeout)
+    all_ready = time.time()
+    bench.wait_quiet(quiet=2.0, timeout=120)  # writes still in flight for the last VMs (their events)
+    writes = diff(agent_writes(bench.api_writes()), agent_writes(writes_before))
+    metrics_after = agent_metrics(agent)
+    rss, cpu_after = proc_usage(agent.process.pid)
+    latencies = [ready[name] - created[name] for name in names]
+    total = max(ready.values()) - min(created.values())
+    bench.add(scenario, "vms", n, "VMs")
+    bench.add(scenario, "create_to_ready_p50", percentile(latencies, 50), "s")
+    bench.add(scenario, "create_to_ready_p95", percentile(latencies, 95), "s")
+    bench.add(scenario, "create_to_ready_max", max(latencies), "s")
+    bench.add(scenario, "rollout_seconds", total, "s", "first POST to last Ready")
+    vm_writes = {key: value for key, value in writes.items() if not key[1].startswith("libvirtnodes")}
+    for (verb, resource), value in sorted(vm_writes.items()):
+        bench.add(scenario, f"writes_per_vm {verb} {resource}", value / n, "writes/VM")
+    bench.add(scenario, "writes_per_vm", sum(vm_writes.values()) / n, "writes/VM",
+              "all agent writes to virtualmachines, virtualmachines/status, events; target <= 3")
+    node_writes = sum(value for key, value in writes.items() if key[1].startswith("libvirtnodes"))
+    bench.add(scenario, "libvirtnode_writes", node_writes, "writes", f"heartbeats during the {total:.0f}s rollout")
+    _libvirt_figures(bench, scenario, metrics_before, metrics_after, n)
+    bench.add(scenario, "agent_peak_rss", rss, "MiB", "VmHWM of the agent process")
+    bench.add(scenario, "agent_cpu_seconds", cpu_after - cpu_before, "s", "utime+stime during the rollout")
+    log(f"{scenario}: all {n} Ready {all_ready - min(created.values()):.1f}s after the first POST")
+    return {"rollout_seconds": total, "latencies": latencies, "writes": writes}
+
+
+def _libvirt_figures(bench: Bench, scenario: str, before: AgentMetrics, after: AgentMetrics, n: int) -> None:
+    if not after.available:
+        bench.add(scenario, "libvirt_calls_per_vm", "n/a", "calls/VM", "the agent exposes no /metrics")
+        return
+    calls = diff(after.libvirt_calls, before.libvirt_calls)
+    bench.add(scenario, "libvirt_calls_per_vm", sum(calls.values()) / n, "calls/VM",
+              ", ".join(f"{api}={value / n:.2f}" for api, value in calls.most_common(8)))
+
+
+def test_driver(bench: Bench, n: int, node: str, namespace: str, ceiling_seconds: float,
+                extra: tuple[str, ...] = (), profile: Any = None) -> AgentProcess:
+    """The test-driver rollout; returns the agent (left running with its N VMs Ready)."""
+    scenario = "rollout-test"
+    agent = bench.start_agent(node, TEST_DRIVER_URI, (*TEST_DRIVER_ARGS, *extra), profile=profile)
+    bench.namespace(namespace)
+    result = rollout(bench, scenario, agent, namespace, [f"t-{i:04d}" for i in range(n)],
+                     lambda _: {"nodeName": node, "memory": "64Mi"}, timeout=max(120, n * 0.5))
+    bench.add(scenario, "rollout_over_ceiling", result["rollout_seconds"] / ceiling_seconds, "x",
+              "rollout time / paced ceiling time; target <= 2")
+    return agent
+
+
+def qemu(bench: Bench, n: int, node: str, namespace: str, image: Any, uri: str, domain_type: str = "qemu",
+         profile: Any = None) -> AgentProcess:
+    """The real-QEMU rollout (128Mi busybox guests); returns the agent (left running)."""
+    from e2e import guest_spec
+
+    agent = bench.start_agent(node, uri, profile=profile)
+    bench.namespace(namespace)
+    bench.add("rollout-qemu", "domain_type", domain_type, "", "qemu: TCG emulation; kvm: hardware virtualisation")
+    rollout(bench, "rollout-qemu", agent, namespace, [f"q-{i:03d}" for i in range(n)],
+            lambda name: guest_spec(image, node, marker=name, domainType=domain_type), timeout=max(120, n * 4))
+    return agent

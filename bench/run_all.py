@@ -1,0 +1,149 @@
+"""Every benchmark in one run: `make bench` (`.venv/bin/python bench/run_all.py [--quick]`).
+
+Starts a local control plane (etcd + kube-apiserver), then:
+  1+2. ceiling (plain client, no agent) and rollout of N test-driver VMs 100 ms apart
+  3.   steady state: two agents (N and N/10 VMs) in one window, resync/relist every 10 s
+  4.   restart: SIGKILL + start of the N-VM test-driver agent (domains re-created: test driver)
+  1.   rollout of real QEMU guests on qemu:///system
+  4.   restart of the QEMU agent: domains restarted must be 0
+  5.   reaction to out-of-band virsh destroy / suspend
+  +    bench/host_listing.py (Host listing + bulk stats vs legacy per-domain calls)
+Prints a table, then one JSON object per line per figure (scenario, figure, value, unit[, note]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reaction  # noqa: E402
+import restart  # noqa: E402
+import rollout  # noqa: E402
+import steady_state  # noqa: E402
+from common import Bench, Figure, bench_environment, log, remove_domains  # noqa: E402
+
+SIZES = {
+    # test-driver N, second (small) N, steady window s, QEMU guests, restart guests (min), reaction commands
+    False: dict(n=1000, small=100, window=60, qemu=50, qemu_restart=10, reactions=50, listing=()),
+    True: dict(n=100, small=10, window=20, qemu=5, qemu_restart=3, reactions=5, listing=("--quick",)),
+}
+STEADY_ARGS = ("--resync-seconds", str(steady_state.RESYNC_SECONDS), "--relist-seconds", str(steady_state.RESYNC_SECONDS))
+
+
+def test_driver_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
+    ceiling = rollout.ceiling(bench, size["n"])
+    agent_a = rollout.test_driver(bench, size["n"], "bench-a", "bench-test", ceiling["paced"], extra=STEADY_ARGS,
+                                  profile=profile_dir / "agent-test.pyisession" if profile_dir else None)
+    agent_b = bench.start_agent("bench-b", rollout.TEST_DRIVER_URI, (*rollout.TEST_DRIVER_ARGS, *STEADY_ARGS))
+    bench.namespace("bench-test-small")
+    small = [f"s-{i:04d}" for i in range(size["small"])]
+    bench.create_paced("bench-test-small", small, lambda _: {"nodeName": "bench-b", "memory": "64Mi"}, interval=0)
+    bench.watch.wait_ready("bench-test-small", small, timeout=120)
+    bench.wait_quiet(quiet=3.0, timeout=120)
+    steady_state.measure(bench, [("agent-a", agent_a, size["n"]), ("agent-b", agent_b, size["small"])], size["window"])
+    restart.restart(bench, "restart-test", agent_a, "bench-test", size["n"],
+                    note="test driver: the hypervisor dies with the agent, so domains are re-created")
+    began = time.monotonic()
+    bench.delete_all("bench-test")
+    bench.delete_all("bench-test-small")
+    bench.add("cleanup-test", "delete_all_seconds", time.monotonic() - began, "s",
+              f"{size['n'] + size['small']} VMs deleted, finalizers run")
+    agent_a.stop()
+    agent_b.stop()
+
+
+def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
+    from libvirt_operator.testing.libvirt_env import build_guest_image, running_libvirtd
+
+    with running_libvirtd() as uri:
+        image = build_guest_image()
+        namespace = "bench-qemu"
+        remove_domains(f"{namespace}_")
+        agent = None
+        try:
+            guests = max(size["qemu"], size["qemu_restart"])
+            agent = rollout.qemu(bench, guests, "bench-qemu", namespace, image, uri, domain_type=size["domain_type"],
+                                 profile=profile_dir / "agent-qemu.pyisession" if profile_dir else None)
+            restart.restart(bench, "restart-qemu", agent, namespace, guests, domain_prefix=f"{namespace}_")
+            names = [f"q-{i:03d}" for i in range(guests)]
+            reaction.react(bench, namespace, names, size["reactions"], uri)
+            began = time.monotonic()
+            bench.delete_all(namespace)
+            bench.add("cleanup-qemu", "delete_all_seconds", time.monotonic() - began, "s",
+                      f"{guests} guests: shutdown, undefine, finalizer")
+        finally:
+            if agent is not None and bench.list_vms(namespace):
+                try:  # a failed run: let the agent's finalizers remove what they can first
+                    bench.delete_all(namespace, timeout=120)
+                except Exception as error:  # noqa: BLE001
+                    log(f"cleanup: {error}")
+            if agent is not None:
+                agent.stop()
+            left = remove_domains(f"{namespace}_")
+            if left:
+                log(f"removed {left} leftover domains")
+
+
+def host_listing(bench: Bench, size: dict) -> None:
+    script = Path(__file__).resolve().parent / "host_listing.py"
+    out = subprocess.run([sys.executable, str(script), *size["listing"]], capture_output=True, text=True, check=True,
+                         timeout=600).stdout
+    for line in out.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            n = row["n"]
+            bench.add("host-listing", f"host_calls N={n}", row["host_calls"], "calls", "list_domains + all_domain_stats")
+            bench.add("host-listing", f"host_seconds N={n}", row["host_seconds"], "s")
+            bench.add("host-listing", f"legacy_calls N={n}", row["legacy_calls"], "calls", "per-domain lookups + info()")
+            bench.add("host-listing", f"legacy_seconds N={n}", row["legacy_seconds"], "s")
+
+
+def print_figures(figures: list[Figure]) -> None:
+    widths = [max(len(str(getattr(f, attr))) for f in figures) for attr in ("scenario", "figure", "value", "unit")]
+    widths = [max(w, len(t)) for w, t in zip(widths, ("scenario", "figure", "value", "unit"))]
+    print(" | ".join(t.ljust(w) for t, w in zip(("scenario", "figure", "value", "unit"), widths)) + " | note")
+    print("-+-".join("-" * w for w in widths) + "-+-----")
+    for f in figures:
+        print(" | ".join(str(v).ljust(w) for v, w in zip((f.scenario, f.figure, f.value, f.unit), widths))
+              + f" | {f.note}")
+    print()
+    for f in figures:
+        print(f.json())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small N, under two minutes")
+    parser.add_argument("--only", choices=("test", "qemu", "listing"), action="append",
+                        help="run only these parts (repeatable; default all)")
+    parser.add_argument("--domain-type", choices=("qemu", "kvm"), default="qemu",
+                        help="spec.domainType of the real guests (default qemu: TCG, as the e2e tests)")
+    parser.add_argument("--profile-dir", type=Path, help="run the rollout agents under pyinstrument, reports here")
+    args = parser.parse_args()
+    size = {**SIZES[args.quick], "domain_type": args.domain_type}
+    parts = args.only or ["test", "qemu", "listing"]
+    began = time.monotonic()
+    if args.profile_dir:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+    with bench_environment(args.quick) as bench:
+        try:
+            if "test" in parts:
+                test_driver_scenarios(bench, size, args.profile_dir)
+            if "qemu" in parts:
+                qemu_scenarios(bench, size, args.profile_dir)
+            if "listing" in parts:
+                host_listing(bench, size)
+        finally:
+            bench.add("bench", "wall_seconds", time.monotonic() - began, "s", "quick" if args.quick else "full")
+            print_figures(bench.figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
