@@ -138,8 +138,11 @@ class Agent:
             self.queue.add(uuid)
 
     async def resync(self) -> None:
-        for uid in list(self.bodies):
-            self.queue.add(uid)
+        """Looks at every VM this agent owns or must report Pending, again."""
+        for uid, body in list(self.bodies.items()):
+            placement = nodes.place(body.get("spec") or {}, self.settings.node_name, self.live_nodes)
+            if placement.owned or placement.pending_message:
+                self.queue.add(uid)
 
     async def heartbeat(self) -> None:
         """Announces this agent and its host's capacity; refreshes the list of live agents."""

@@ -95,7 +95,9 @@ class Action:
     @property
     def slow(self) -> bool:
         """Takes long enough that the status should say so before it runs."""
-        return self.kind in {"stop"} and self.grace_seconds > 0
+        graceful_stop = self.kind == "stop" and self.grace_seconds > 0
+        restart = self.kind == "start" and self.event is not None and self.event.reason == "Restarted"
+        return graceful_stop or restart
 
 
 ACTION_KINDS = (
@@ -120,7 +122,7 @@ def format_time(moment: datetime.datetime) -> str:
 def parse_time(text: str | None) -> datetime.datetime | None:
     if not text:
         return None
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return datetime.datetime.fromisoformat(text)
 
 
 def backoff_seconds(failures: int) -> int:
