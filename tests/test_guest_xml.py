@@ -293,3 +293,18 @@ def test_seed_iso_is_a_nocloud_volume() -> None:
     finally:
         iso.close()
     assert contents == {"user-data": "#cloud-config\nx: 1\n", "meta-data": "instance-id: u\n", "network-config": "version: 2\n"}
+
+
+@pytest.mark.unit
+def test_another_vms_disk_is_refused_naming_the_field() -> None:
+    from libvirt_operator.paths import refuse_other_vms_disks
+    mine, theirs = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+    spec = parse_spec({"memory": "64Mi", "disks": [
+        {"name": "own", "image": {"path": f"/var/lib/libvirt/images/{mine}-root.qcow2"}},
+        {"name": "base", "image": {"path": "/var/lib/libvirt/images/debian.qcow2"}}]})
+    refuse_other_vms_disks(spec, mine)
+    stolen = parse_spec({"memory": "64Mi", "disks": [
+        {"name": "x", "volume": {"pool": "default", "name": f"{theirs}-data.qcow2"}}]})
+    with pytest.raises(SpecError) as error:
+        refuse_other_vms_disks(stolen, mine)
+    assert error.value.field == "spec.disks[0].volume.name" and theirs in error.value.message

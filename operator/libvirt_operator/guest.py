@@ -27,7 +27,7 @@ from lxml import etree
 
 from libvirt_operator.metadata import INTERFACE_ALIAS_PREFIX, OWNER_TAG, interfaces_from_domain, owner_element, owner_from_domain, parse
 from libvirt_operator.model import AgentSettings, InterfaceFacts, OwnerMetadata, VMRef
-from libvirt_operator.paths import confine_spec
+from libvirt_operator.paths import confine_spec, refuse_other_vms_disks
 from libvirt_operator.spec import (
     CloudInitSource, Disk, EmptyDiskSource, HttpSource, ImageSource, Interface, SpecError, VMSpec, VolumeSource,
 )
@@ -720,6 +720,7 @@ def provision_and_define(
     If anything fails, the volumes this call created are deleted again.
     """
     spec = confine_spec(spec, settings.allowed_roots)
+    refuse_other_vms_disks(spec, vm.uid)
     _check_kernel_boot(spec)
     provisioner = _Provisioner(conn, vm, settings, user_data_lookup)
     with provisioner.rolling_back():

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from libvirt_operator.spec import ImageSource, VMSpec, SpecError
+from libvirt_operator.spec import ImageSource, SpecError, VMSpec, VolumeSource
+
+OWNED_NAME = re.compile(r"^(?P<uid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
+"""Disks a VM owns are named `<its uid>-<disk>...` (guest.owned_volume_name, seed_volume_name)."""
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -45,3 +49,18 @@ def confine_spec(spec: VMSpec, roots: Iterable[Path]) -> VMSpec:
             initrd=kernel_boot.initrd and str(confine(kernel_boot.initrd, roots, "spec.kernelBoot.initrd")),
         )
     return dataclasses.replace(spec, disks=disks, kernel_boot=kernel_boot)
+
+
+def refuse_other_vms_disks(spec: VMSpec, uid: str) -> None:
+    """SpecError if an image or volume is a disk another VM owns (its clone, empty disk or seed)."""
+    for i, disk in enumerate(spec.disks):
+        if isinstance(disk.source, ImageSource):
+            name, field = Path(disk.source.path).name, f"spec.disks[{i}].image.path"
+        elif isinstance(disk.source, VolumeSource):
+            name, field = disk.source.name, f"spec.disks[{i}].volume.name"
+        else:
+            continue
+        owner = OWNED_NAME.match(name)
+        if owner and owner["uid"] != uid:
+            raise SpecError(field, f"{name} is a disk of another VirtualMachine (uid {owner['uid']}); "
+                            "use an image or volume of your own")
