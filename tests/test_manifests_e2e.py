@@ -1,60 +1,101 @@
-"""The kustomize base on the real API server, and the agent running with only its ServiceAccount's rights."""
+"""The kustomize base and the examples on a real API server, and the agent running with nothing but
+the ServiceAccount token the base gives it."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 
-from e2e import vm_manifest, wait_vm
+from e2e import event_reasons, install_crds, vm_manifest, wait_vm
 from libvirt_operator.testing.agent_process import AgentProcess
 from libvirt_operator.testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+AGENT_NAMESPACE = "kube-system"   # manifests/kustomization.yaml
 NODE = "node-rbac"
 NAMESPACE = "rbac"
+# (resource, resource names, verbs) beyond what every authenticated user may do: manifests/rbac.yaml.
 GRANTED = {
-    ("virtualmachines.libvirt-operator.io", "list patch watch"),
-    ("virtualmachines.libvirt-operator.io/status", "patch"),
-    ("libvirtnodes.libvirt-operator.io", "create list"),
-    ("libvirtnodes.libvirt-operator.io/status", "patch"),
-    ("secrets", "get"),
-    ("events", "create"),
-    ("customresourcedefinitions.apiextensions.k8s.io", "list watch"),
+    ("virtualmachines.libvirt-operator.io", "", "list patch watch"),
+    ("virtualmachines.libvirt-operator.io/status", "", "patch"),
+    ("libvirtnodes.libvirt-operator.io", "", "create list"),
+    ("libvirtnodes.libvirt-operator.io/status", "", "patch"),
+    ("secrets", "", "get"),
+    ("events", "", "create"),
+    ("customresourcedefinitions.apiextensions.k8s.io", "", "list watch"),
 }
-EVERY_AUTHENTICATED_USER = {"selfsubjectreviews.authentication.k8s.io", "selfsubjectaccessreviews.authorization.k8s.io",
-                            "selfsubjectrulesreviews.authorization.k8s.io"}
 
 
-def test_server_side_dry_run_of_the_base(control_plane: ControlPlane) -> None:
-    # A dry run persists nothing, so the namespace the base creates must exist for its namespaced objects.
-    control_plane.kubectl("create", "namespace", "libvirt-operator", check=False)
-    result = control_plane.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "manifests"))
-    assert "daemonset.apps/libvirt-operator-agent created (server dry run)" in result.stdout
-    assert "clusterrole.rbac.authorization.k8s.io/libvirt-operator created (server dry run)" in result.stdout
+def test_server_side_dry_run_of_the_base_on_a_fresh_api_server(tmp_path: Path) -> None:
+    """What a new cluster sees: nothing of ours exists yet, and a dry run persists nothing."""
+    with ControlPlane(tmp_path / "fresh") as fresh:
+        result = fresh.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "manifests"))
+    created = set(re.findall(r"^(\S+) created \(server dry run\)$", result.stdout, re.MULTILINE))
+    assert created == {
+        "customresourcedefinition.apiextensions.k8s.io/virtualmachines.libvirt-operator.io",
+        "customresourcedefinition.apiextensions.k8s.io/libvirtnodes.libvirt-operator.io",
+        "serviceaccount/libvirt-operator", "clusterrole.rbac.authorization.k8s.io/libvirt-operator",
+        "clusterrolebinding.rbac.authorization.k8s.io/libvirt-operator", "daemonset.apps/libvirt-operator-agent",
+    }, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.stem)
+def test_every_example_passes_server_side_validation(control_plane: ControlPlane, example: Path) -> None:
+    install_crds(control_plane.kubectl, "default")
+    result = control_plane.kubectl("apply", "--dry-run=server", "-f", str(example))
+    assert f"virtualmachine.libvirt-operator.io/{example.stem} " in result.stdout
+
+
+def allowed_rules(control_plane: ControlPlane, kubeconfig: Path) -> set[tuple[str, str, str]]:
+    """`kubectl auth can-i --list` as (resource, resource names, verbs); non-resource URLs left out."""
+    lines = control_plane.kubectl("auth", "can-i", "--list", kubeconfig=kubeconfig).stdout.splitlines()[1:]
+    rules = set()
+    for line in lines:
+        if not line.strip() or line.startswith(" "):
+            continue
+        _non_resource_urls, names, verbs = re.findall(r"\[([^\]]*)\]", line)
+        rules.add((line.split()[0], " ".join(sorted(names.split())), " ".join(sorted(verbs.split()))))
+    return rules
 
 
 def test_the_agent_works_with_its_service_account_and_may_do_nothing_else(
         control_plane: ControlPlane, tmp_path: Path) -> None:
     kubectl = control_plane.kubectl
     kubectl("apply", "-k", str(ROOT / "manifests"))
-    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io", "--timeout=30s")
+    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io",
+            "crd/libvirtnodes.libvirt-operator.io", "--timeout=30s")
     kubectl("create", "namespace", NAMESPACE, check=False)
-    config = control_plane.service_account_kubeconfig("libvirt-operator", "libvirt-operator")
-    listed = kubectl("auth", "can-i", "--list", kubeconfig=config).stdout.splitlines()[1:]
-    rules = {(line.split()[0], " ".join(sorted(line[line.rindex("["):].strip("[] \n").split()))) for line in listed
-             if line.split() and not line.split()[0].startswith("[")}
-    resource_rules = {rule for rule in rules if rule[0] not in EVERY_AUTHENTICATED_USER}
-    assert resource_rules == GRANTED, resource_rules
+
+    # Exactly the rules the agent uses, beyond what any authenticated identity may do anyway.
+    config = control_plane.service_account_kubeconfig(AGENT_NAMESPACE, "libvirt-operator")
+    nobody = control_plane.service_account_kubeconfig(NAMESPACE, "no-bindings")
+    granted = allowed_rules(control_plane, config) - allowed_rules(control_plane, nobody)
+    assert granted == GRANTED, granted
+
+    # The lifecycle with that token only: define+start (finalizer, status, events, a Secret read for
+    # the seed, the node heartbeat), stop, delete (undefine, disks, finalizer released).
+    kubectl("-n", NAMESPACE, "create", "secret", "generic", "least-userdata", "--from-literal=userdata=#cloud-config\n",
+            check=False)
     with AgentProcess(tmp_path, config, libvirt_uri="test:///default", node_name=NODE,
                       extra_args=("--storage-pool", "default-pool")) as agent:
-        kubectl("apply", "-f", "-", input=vm_manifest("least", NAMESPACE, nodeName=NODE, memory="64Mi",
-                                                       disks=[{"name": "data", "emptyDisk": {"size": "1Gi"}}]))
+        kubectl("apply", "-f", "-", input=vm_manifest(
+            "least", NAMESPACE, nodeName=NODE, memory="64Mi",
+            disks=[{"name": "data", "emptyDisk": {"size": "1Gi"}},
+                   {"name": "seed", "cloudInit": {"userDataSecretRef": {"name": "least-userdata"}}}]))
         wait_vm(kubectl, "least", NAMESPACE, "condition=Ready", timeout=60)
+        assert event_reasons(kubectl, "least", NAMESPACE)["Started"] >= 1
+        node = json.loads(kubectl("get", "libvirtnode", NODE, "-o", "json").stdout)
+        assert node["status"]["heartbeatTime"]
         kubectl("patch", "vm", "least", "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"runStrategy":"Halted"}}')
         wait_vm(kubectl, "least", NAMESPACE, "jsonpath={.status.printableStatus}=Stopped", timeout=60)
         kubectl("delete", "vm", "least", "-n", NAMESPACE, "--timeout=60s")
+        assert "NotFound" in kubectl("get", "vm", "least", "-n", NAMESPACE, check=False).stderr
         log = agent.log_path.read_text()
-    assert "Forbidden" not in log and " 403" not in log
+    for denied in ("Forbidden", " 403", "Not enough permissions"):
+        assert denied not in log, log
