@@ -388,3 +388,11 @@ def test_a_domain_stuck_starting_up_is_started_again_after_a_while() -> None:
     late = decide(vm(status=running_since("Always", T0)), stuck, T0 + datetime.timedelta(seconds=31), NODE)
     assert kinds(late) == ["stop", "start"]
     assert late.actions[0].grace_seconds == 0
+
+
+def test_once_does_not_restart_a_crashed_domain() -> None:
+    status = running_since("Once", T0 - datetime.timedelta(seconds=5))
+    decision = decide(vm("Once", status=status), snapshot("crashed", "panicked"), T0, NODE)
+    assert [a.kind for a in decision.actions] in ([], ["stop"])
+    assert "start" not in kinds(decision)
+    assert decision.status["printableStatus"] != "CrashLoopBackOff"

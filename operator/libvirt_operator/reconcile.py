@@ -258,7 +258,7 @@ def _wants_running(vm: VMView, snapshot: DomainSnapshot | None, plan: _Plan) -> 
     if new_episode or strategy == "Always":
         return True
     if strategy == "Once":
-        return snapshot is not None and snapshot.active
+        return snapshot is not None and snapshot.active and snapshot.state != "crashed"
     # RerunOnFailure: run again only when the last run failed
     if snapshot is None or snapshot.active:
         return True
