@@ -129,7 +129,9 @@ def test_guest_poweroff_rerun_on_failure_stays_stopped_always_restarts(
     assert stopped["restartCount"] == 0
     wait_until(lambda: status(kubectl, "keeps-on").get("restartCount", 0) >= 1, timeout=120,
                what="Always restarted the guest that powered itself off")
-    assert "Restarted" in event_reasons(kubectl, "keeps-on", NAMESPACE)
+    # The status says "restarting" before the start runs; the Event follows once it has.
+    wait_until(lambda: "Restarted" in event_reasons(kubectl, "keeps-on", NAMESPACE), timeout=30,
+               what="a Restarted event for the guest that powered itself off")
     delete_vm(kubectl, "once-off")
     delete_vm(kubectl, "keeps-on")
 

@@ -306,7 +306,7 @@ class _Run:
             if not decision.actions or self.problem is not None:
                 break
             if any(action.slow for action in decision.actions):
-                await agent.write_status(self.body, decision.status)
+                await self._announce(decision.status)
             finished = await self._act(decision.actions, snapshot)
             if not finished:
                 return
@@ -321,6 +321,15 @@ class _Run:
         for event in decision.events:
             await agent.kube.post_event(self.body, event.type, event.reason, event.message)
         self._schedule(decision)
+
+    async def _announce(self, status: dict[str, Any]) -> None:
+        """Says what a slow action is about to do; an API server that cannot hear it must not hold the action up."""
+        try:
+            await self.agent.write_status(self.body, status)
+        except Exception as error:
+            if isinstance(error, ApiException) and error.status == 404:
+                raise
+            log.info("status of %s/%s before a slow action not written: %s", self.ref.namespace, self.ref.name, error)
 
     def _decide(self, snapshot: DomainSnapshot | None) -> reconcile.Decision:
         return reconcile.decide(self.view, snapshot, self.agent.clock(), self.agent.settings.node_name, self.problem)

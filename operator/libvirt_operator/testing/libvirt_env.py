@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 
 SYSTEM_URI = "qemu:///system"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
 QEMU_SETTINGS = {
     "user": '"root"',
     "group": '"root"',
@@ -66,17 +68,38 @@ def _configure_qemu() -> None:
 
 
 def _pids(name: str) -> list[int]:
+    """Live processes called `name`; a killed daemon's zombie, not yet reaped by PID 1, does not count."""
     out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    return [int(p) for p in out.split() if _alive(int(p))]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _socket_answers(path: Path) -> bool:
+    """Something accepts connections on the Unix socket `path` (a file left by a killed daemon does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def start_daemons() -> None:
     """Starts virtlogd and libvirtd as daemons and waits until qemu:///system answers."""
     _configure_qemu()
-    if not Path("/run/libvirt/virtlogd-sock").exists():
+    if not _socket_answers(VIRTLOGD_SOCKET):
         for pid in _pids("virtlogd"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        VIRTLOGD_SOCKET.unlink(missing_ok=True)
         subprocess.run(["virtlogd", "-d"], check=True)
     if not _pids("libvirtd"):
         subprocess.run(["libvirtd", "-d"], check=True)
@@ -126,7 +149,7 @@ def ensure_storage_pool(name: str = DEFAULT_POOL, path: Path = DEFAULT_POOL_PATH
 @contextlib.contextmanager
 def running_libvirtd() -> Iterator[str]:
     """Yields qemu:///system; starts the daemons when none answer and stops them afterwards."""
-    started = not libvirtd_answers()
+    started = not libvirtd_answers() or not _socket_answers(VIRTLOGD_SOCKET)
     if started:
         start_daemons()
     ensure_storage_pool()
