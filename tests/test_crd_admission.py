@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from test_guest_properties import MANIFESTS
 
 pytestmark = pytest.mark.e2e
 
@@ -64,6 +70,22 @@ REJECTED = {
                      "cloudInit needs exactly one of userData or userDataSecretRef"),
     "negative-grace": ({"terminationGracePeriodSeconds": -1},
                        "spec.terminationGracePeriodSeconds: Invalid value: -1"),
+    "relative-kernel": ({"kernelBoot": {"kernel": "boot/vmlinuz"}}, 'spec.kernelBoot.kernel: Invalid value: "boot/vmlinuz"'),
+    "newline-in-path": ({"disks": [{"name": "root", "image": {"path": "/var/lib/libvirt/images/a\n.qcow2"}}]},
+                        "spec.disks[0].image.path: Invalid value:"),
+    "slash-in-volume": ({"disks": [{"name": "v", "volume": {"pool": "default", "name": "../etc/passwd"}}]},
+                        'spec.disks[0].volume.name: Invalid value: "../etc/passwd"'),
+    "dot-volume": ({"disks": [{"name": "v", "volume": {"pool": "default", "name": ".."}}]},
+                   "volume.pool and volume.name cannot be . or .."),
+    "read-only-sata": ({"disks": [{"name": "d", "bus": "sata", "readOnly": True, "emptyDisk": {"size": "1Gi"}}]},
+                       "QEMU cannot attach a SATA disk read-only"),
+    "multicast-mac": ({"interfaces": [{"name": "a", "user": {}, "macAddress": "01:00:5e:00:00:01"}]},
+                      'spec.interfaces[0].macAddress: Invalid value: "01:00:5e:00:00:01"'),
+    "duplicate-mac": ({"interfaces": [{"name": "a", "user": {}, "macAddress": "52:54:00:00:00:01"},
+                                      {"name": "b", "user": {}, "macAddress": "52:54:00:00:00:01"}]},
+                      "interfaces[].macAddress values must be unique"),
+    "bad-bridge": ({"interfaces": [{"name": "a", "bridge": "br0;reboot"}]},
+                   'spec.interfaces[0].bridge: Invalid value: "br0;reboot"'),
 }
 
 
@@ -121,3 +143,17 @@ def test_explain_reads_the_descriptions(vm_crd: Kubectl) -> None:
 def test_short_names_and_category(vm_crd: Kubectl) -> None:
     for name in ("vm", "vms", "virtualmachines", "libvirt"):
         assert vm_crd("get", name, "-n", NAMESPACE).returncode == 0
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(MANIFESTS, min_size=25, max_size=25))
+def test_the_generated_specs_are_what_admission_admits(vm_crd: Kubectl, manifests: list[dict[str, Any]]) -> None:
+    """The specs test_guest_properties renders are the ones the API server accepts, so rendering is proven
+    for what users can really submit."""
+    documents = [{"apiVersion": "libvirt-operator.io/v1alpha1", "kind": "VirtualMachine",
+                  "metadata": {"name": f"drawn-{i}", "namespace": NAMESPACE}, "spec": m["spec"]}
+                 for i, m in enumerate(manifests)]
+    # JSON, not YAML: kubectl reads YAML 1.1, where a drawn name like `y` or `on` would be a boolean.
+    result = server_dry_run(vm_crd, json.dumps({"apiVersion": "v1", "kind": "List", "items": documents}))
+    assert result.returncode == 0, result.stderr

@@ -107,14 +107,14 @@ def test_every_spec_field_reaches_the_xml() -> None:
     disks = {d.find("alias").get("name"): d for d in root.iterfind("devices/disk")}
     pool = SETTINGS.storage_pool_path
     expected = {  # alias: (type, device, target, bus, driver type, source, boot order, readonly)
-        "ua-root": ("file", "disk", "vda", "virtio", "qcow2", f"{pool}/{UID}-root.qcow2", "1", False),
-        "ua-base": ("file", "disk", "vdb", "virtio", "raw", "/var/lib/libvirt/images/base.raw", None, True),
-        "ua-data": ("file", "disk", "sda", "scsi", "qcow2", f"{pool}/{UID}-data.qcow2", "2", False),
-        "ua-sata-data": ("file", "disk", "sdb", "sata", "qcow2", f"{pool}/{UID}-sata-data.qcow2", None, False),
-        "ua-seed": ("file", "cdrom", "sdc", "sata", "raw", f"{pool}/{UID}-seed-cidata.iso", None, True),
-        "ua-seed-secret": ("file", "disk", "vdc", "virtio", "raw", f"{pool}/{UID}-seed-secret-cidata.iso", None, True),
-        "ua-shared": ("volume", "disk", "sdd", "scsi", None, "default/shared-data", None, True),
-        "ua-os": ("file", "disk", "vdd", "virtio", "qcow2", f"{pool}/{UID}-os.qcow2", None, False),
+        "ua-disk-root": ("file", "disk", "vda", "virtio", "qcow2", f"{pool}/{UID}-root.qcow2", "1", False),
+        "ua-disk-base": ("file", "disk", "vdb", "virtio", "raw", "/var/lib/libvirt/images/base.raw", None, True),
+        "ua-disk-data": ("file", "disk", "sda", "scsi", "qcow2", f"{pool}/{UID}-data.qcow2", "2", False),
+        "ua-disk-sata-data": ("file", "disk", "sdb", "sata", "qcow2", f"{pool}/{UID}-sata-data.qcow2", None, False),
+        "ua-disk-seed": ("file", "cdrom", "sdc", "sata", "raw", f"{pool}/{UID}-seed-cidata.iso", None, True),
+        "ua-disk-seed-secret": ("file", "disk", "vdc", "virtio", "raw", f"{pool}/{UID}-seed-secret-cidata.iso", None, True),
+        "ua-disk-shared": ("volume", "disk", "sdd", "scsi", None, "default/shared-data", None, True),
+        "ua-disk-os": ("file", "disk", "vdd", "virtio", "qcow2", f"{pool}/{UID}-os.qcow2", None, False),
     }
     for alias, disk in disks.items():
         source = disk.find("source")
@@ -129,7 +129,7 @@ def test_every_spec_field_reaches_the_xml() -> None:
 
     nics = root.findall("devices/interface")
     assert [(n.get("type"), n.find("alias").get("name"), n.find("model").get("type")) for n in nics] == [
-        ("network", "ua-default", "virtio"), ("bridge", "ua-lan", "e1000"), ("user", "ua-slirp", "rtl8139")]
+        ("network", "ua-nic-default", "virtio"), ("bridge", "ua-nic-lan", "e1000"), ("user", "ua-nic-slirp", "rtl8139")]
     assert nics[0].find("source").get("network") == "default" and nics[1].find("source").get("bridge") == "br0"
     assert [n.find("mac").get("address") for n in nics] == [
         "52:54:00:12:34:56", stable_mac(UID, "lan"), stable_mac(UID, "slirp")]
@@ -226,9 +226,9 @@ def test_merge_replaces_what_the_operator_models_and_keeps_the_rest() -> None:
     assert len(merged.findall(f"metadata/{OWNER_TAG}")) == 1
     assert _one(merged, "devices/controller[@type='usb']") is not None
     aliases = [d.find("alias").get("name") for d in merged.iterfind("devices/disk")]
-    assert "ua-data" not in aliases and "ua-extra" in aliases
-    assert _one(merged, "devices/disk[alias/@name='ua-root']/address").get("slot") == "0x04"
-    base = _one(merged, "devices/disk[alias/@name='ua-base']")
+    assert "ua-disk-data" not in aliases and "ua-disk-extra" in aliases
+    assert _one(merged, "devices/disk[alias/@name='ua-disk-root']/address").get("slot") == "0x04"
+    base = _one(merged, "devices/disk[alias/@name='ua-disk-base']")
     assert base.find("target").get("bus") == "scsi" and base.find("address") is None, "a bus change drops the PCI address"
     assert len(merged.findall("devices/serial")) == 1 and len(merged.findall("devices/interface")) == 3
 

@@ -95,7 +95,12 @@ BAD_SPECS = [
     ({"memory": "1Gi", "interfaces": [{"name": "n", "bridge": "../../etc"}]}, "spec.interfaces[0].bridge", "interface name"),
     ({"memory": "1Gi", "disks": [_disk(bootOrder=1, emptyDisk={"size": "1Gi"}), {"name": "b", "bootOrder": 1, "emptyDisk": {"size": "1Gi"}}]}, "spec.disks[1].bootOrder", "unique"),
     ({"memory": "1Gi", "disks": [_disk(bootOrder=0, emptyDisk={"size": "1Gi"})]}, "spec.disks[0].bootOrder", "at least 1"),
-    ({"memory": "1Gi", "disks": [_disk(emptyDisk={"size": "1k"})]}, "spec.disks[0].emptyDisk.size", "1Mi"),
+    ({"memory": "1Gi", "disks": [_disk(emptyDisk={"size": 0})]}, "spec.disks[0].emptyDisk.size", "positive"),
+    ({"memory": "1Gi", "kernelBoot": {"kernel": "boot/vmlinuz"}}, "spec.kernelBoot.kernel", "absolute path"),
+    ({"memory": "1Gi", "kernelBoot": {"kernel": "/k", "initrd": "/boot/a\nb"}}, "spec.kernelBoot.initrd", "newlines"),
+    ({"memory": "1Gi", "disks": [_disk(image={"path": "/var/lib/libvirt/images/a\tb"})]}, "spec.disks[0].image.path", "tabs"),
+    ({"memory": "1Gi", "disks": [_disk(volume={"pool": "default", "name": "a/b"})]}, "spec.disks[0].volume.name", "no '/'"),
+    ({"memory": "1Gi", "disks": [_disk(volume={"pool": "..", "name": "a"})]}, "spec.disks[0].volume.pool", "not . or .."),
     ({"memory": "1Gi", "disks": [_disk(cloudInit={})]}, "spec.disks[0].cloudInit", "userData"),
     ({"memory": "1Gi", "disks": [_disk(cloudInit={"userData": "x", "userDataSecretRef": {"name": "s"}})]}, "spec.disks[0].cloudInit", "exactly one"),
     ({"memory": "1Gi", "disks": [_disk(http={"url": "ftp://x", "sha256": "a" * 64})]}, "spec.disks[0].http.url", "http://"),
@@ -108,6 +113,11 @@ BAD_SPECS = [
     ({"memory": "1Gi", "paused": "yes"}, "spec.paused", "true or false"),
     ({"memory": "1Gi", "disks": {"name": "root"}}, "spec.disks", "list"),
 ]
+
+
+def test_a_tiny_empty_disk_is_rounded_up_to_one_mebibyte() -> None:
+    spec = parse_spec({"memory": "1Gi", "disks": [_disk(emptyDisk={"size": "1k"})]})
+    assert spec.disks[0].source.size == 1024**2
 
 
 @pytest.mark.parametrize(("data", "field", "hint"), BAD_SPECS, ids=[f"{f}:{h}" for _, f, h in BAD_SPECS])

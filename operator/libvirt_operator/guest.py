@@ -25,14 +25,13 @@ import pycdlib
 import yaml
 from lxml import etree
 
-from libvirt_operator.metadata import INTERFACE_ALIAS_PREFIX, OWNER_TAG, interfaces_from_domain, owner_element, owner_from_domain, parse
+from libvirt_operator.metadata import DISK_ALIAS_PREFIX, INTERFACE_ALIAS_PREFIX, OWNER_TAG, interfaces_from_domain, owner_element, owner_from_domain, parse
 from libvirt_operator.model import AgentSettings, InterfaceFacts, OwnerMetadata, VMRef
 from libvirt_operator.paths import confine_spec, refuse_other_vms_disks
 from libvirt_operator.spec import (
     CloudInitSource, Disk, EmptyDiskSource, HttpSource, ImageSource, Interface, SpecError, VMSpec, VolumeSource,
 )
 
-ALIAS_PREFIX = INTERFACE_ALIAS_PREFIX
 SYS_CLASS_NET = Path("/sys/class/net")
 TARGET_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd"}
 UserDataLookup = Callable[[str], "str | None"]
@@ -158,8 +157,8 @@ def _clock() -> etree._Element:
     )
 
 
-def _alias(name: str) -> etree._Element:
-    return _e("alias", name=f"{ALIAS_PREFIX}{name}")
+def _alias(prefix: str, name: str) -> etree._Element:
+    return _e("alias", name=f"{prefix}{name}")
 
 
 def _target_name(prefix: str, index: int) -> str:
@@ -180,7 +179,7 @@ def _disk(disk: ResolvedDisk, target: str) -> etree._Element:
         _e("target", dev=target, bus=disk.bus),
         _e("boot", order=str(disk.boot_order)) if disk.boot_order else None,
         _e("readonly") if disk.read_only else None,
-        _alias(disk.name),
+        _alias(DISK_ALIAS_PREFIX, disk.name),
         type=disk.kind, device=disk.device,
     )
 
@@ -202,7 +201,7 @@ def _interface(interface: Interface, vm: VMRef) -> etree._Element:
         _e("mac", address=interface.mac_address or stable_mac(vm.uid, interface.name)),
         source,
         _e("model", type=interface.model),
-        _alias(interface.name),
+        _alias(INTERFACE_ALIAS_PREFIX, interface.name),
         type=interface.kind,
     )
 
@@ -294,10 +293,10 @@ class DomainFacts:
         return tuple(interface.mac_address for interface in self.interfaces)
 
 
-def _spec_name(device: etree._Element) -> str | None:
+def _spec_name(device: etree._Element, prefix: str) -> str | None:
     alias_element = device.find("alias")
     alias = alias_element.get("name", "") if alias_element is not None else ""
-    return alias[len(ALIAS_PREFIX):] if alias.startswith(ALIAS_PREFIX) else None
+    return alias[len(prefix):] if alias.startswith(prefix) else None
 
 
 def _disk_facts(disk: etree._Element) -> DiskFacts:
@@ -307,7 +306,7 @@ def _disk_facts(disk: etree._Element) -> DiskFacts:
     dev = target.get("dev", "") if target is not None else ""
     attr = (lambda name: source.get(name)) if source is not None else (lambda name: None)
     return DiskFacts(
-        name=_spec_name(disk) or dev, target=dev, bus=target.get("bus") if target is not None else None,
+        name=_spec_name(disk, DISK_ALIAS_PREFIX) or dev, target=dev, bus=target.get("bus") if target is not None else None,
         device=disk.get("device", "disk"), format=driver.get("type") if driver is not None else None,
         path=attr("file") or attr("dev"), pool=attr("pool"), volume=attr("volume"),
         read_only=disk.find("readonly") is not None,
@@ -352,10 +351,10 @@ def _device_key(device: etree._Element) -> tuple[str | None, ...]:
     target = device.find("target")
     target_attr = (lambda name: target.get(name)) if target is not None else (lambda name: None)
     if device.tag == "disk":
-        return ("disk", _spec_name(device) or target_attr("dev"), target_attr("bus"))
+        return ("disk", _spec_name(device, DISK_ALIAS_PREFIX) or target_attr("dev"), target_attr("bus"))
     if device.tag == "interface":
         mac = device.find("mac")
-        return ("interface", _spec_name(device) or (mac.get("address") if mac is not None else None))
+        return ("interface", _spec_name(device, INTERFACE_ALIAS_PREFIX) or (mac.get("address") if mac is not None else None))
     if device.tag == "controller":
         return ("controller", device.get("type"), device.get("index"))
     if device.tag in ("serial", "console"):

@@ -8,7 +8,9 @@ namespace naming the VirtualMachine:
               uid="..." namespace="..." name="..." generation="3" specHash="..."/>
     </metadata>
 
-Interfaces carry the spec's name as a user alias (`<alias name="ua-NAME"/>`).
+Disks and interfaces carry the spec's name as a user alias (`<alias name="ua-disk-NAME"/>`,
+`<alias name="ua-nic-NAME"/>`: libvirt wants aliases unique across all devices, and a disk and an
+interface may share a name).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from libvirt_operator import METADATA_NAMESPACE, METADATA_PREFIX
 from libvirt_operator.model import InterfaceFacts, OwnerMetadata
 
 OWNER_TAG = f"{{{METADATA_NAMESPACE}}}vm"
-INTERFACE_ALIAS_PREFIX = "ua-"
+INTERFACE_ALIAS_PREFIX = "ua-nic-"
+DISK_ALIAS_PREFIX = "ua-disk-"
 
 
 def owner_element(owner: OwnerMetadata) -> etree._Element:

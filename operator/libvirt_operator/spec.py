@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Union
 
 MIN_MEMORY = 16 * 1024**2
+MIN_DISK = 1024**2
 RUN_STRATEGIES = ("Always", "Halted", "Manual", "RerunOnFailure", "Once")
 UPDATE_STRATEGIES = ("OnRestart", "Restart")
 FIRMWARES = ("bios", "uefi")
@@ -39,6 +40,7 @@ _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 _XML_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MISSING = object()
 
 
@@ -205,6 +207,22 @@ class _Object:
             raise SpecError(self.at(key), "contains control characters; only tab, newline and printable text are allowed")
         return value
 
+    def file_path(self, key: str, default: Any = _MISSING) -> Any:
+        """An absolute file path on the node, on one line."""
+        value = self.string(key, default)
+        if value is not default and (not value.startswith("/") or len(value) < 2 or _CONTROL.search(value)):
+            raise SpecError(self.at(key), f"{value!r} must be an absolute path (starting with /) without "
+                            "tabs, newlines or other control characters")
+        return value
+
+    def object_name(self, key: str) -> str:
+        """The name of a libvirt object (a pool, a volume): no '/', no control characters."""
+        value = self.string(key)
+        if "/" in value or _CONTROL.search(value) or value in (".", ".."):
+            raise SpecError(self.at(key), f"{value!r} must be a libvirt name: not . or .., no '/', tabs, newlines "
+                            "or other control characters")
+        return value
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.raw(key, default)
         if not isinstance(value, bool):
@@ -275,18 +293,18 @@ def _kernel_boot(spec: _Object) -> KernelBoot | None:
     if not spec.has("kernelBoot"):
         return None
     obj = spec.child("kernelBoot", ("kernel", "initrd", "cmdline"))
-    return KernelBoot(kernel=obj.string("kernel"), initrd=obj.string("initrd", None), cmdline=obj.string("cmdline", None))
+    return KernelBoot(kernel=obj.file_path("kernel"), initrd=obj.file_path("initrd", None), cmdline=obj.string("cmdline", None))
 
 
 def _image(obj: _Object) -> ImageSource:
-    return ImageSource(path=obj.string("path"), clone=obj.boolean("clone", False))
+    return ImageSource(path=obj.file_path("path"), clone=obj.boolean("clone", False))
 
 
 def _empty_disk(obj: _Object) -> EmptyDiskSource:
     size = parse_quantity(obj.raw("size"), obj.at("size"))
-    if size < 1024**2:
-        raise SpecError(obj.at("size"), f"{size} bytes is too small; give at least 1Mi")
-    return EmptyDiskSource(size=size)
+    if size < 1:
+        raise SpecError(obj.at("size"), f"{obj.raw('size')!r} must be a positive size such as 10Gi")
+    return EmptyDiskSource(size=max(size, MIN_DISK))
 
 
 def _cloud_init(obj: _Object) -> CloudInitSource:
@@ -299,7 +317,7 @@ def _cloud_init(obj: _Object) -> CloudInitSource:
 
 
 def _volume(obj: _Object) -> VolumeSource:
-    return VolumeSource(pool=obj.string("pool"), name=obj.string("name"))
+    return VolumeSource(pool=obj.object_name("pool"), name=obj.object_name("name"))
 
 
 def _http(obj: _Object) -> HttpSource:
