@@ -39,4 +39,4 @@ bench: deps
 
 ## Known vulnerabilities in the locked dependencies.
 audit: deps
-	$(VENV)/bin/pip-audit --strict -r requirements.lock
+	$(VENV)/bin/pip-audit --strict --vulnerability-service pypi --disable-pip --no-deps -r requirements.lock
