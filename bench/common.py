@@ -85,6 +85,13 @@ def proc_usage(pid: int) -> tuple[float, float]:
     return hwm, (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def host_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores, from /proc/stat."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
+
+
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
 
 
@@ -104,6 +111,7 @@ def parse_prometheus(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], f
 class AgentMetrics:
     """A snapshot of the agent's own counters (None when it has no /metrics)."""
     libvirt_calls: Counter[str] = field(default_factory=Counter)
+    libvirt_seconds: Counter[str] = field(default_factory=Counter)
     kube_writes: Counter[tuple[str, str]] = field(default_factory=Counter)
     reconciles: float = 0
     queue_depth: float = 0
@@ -122,6 +130,8 @@ def agent_metrics(agent: AgentProcess) -> AgentMetrics:
     metrics = AgentMetrics(available=True)
     for labels, value in parsed.get("libvirt_operator_libvirt_calls_total", {}).items():
         metrics.libvirt_calls[dict(labels)["api"]] += value
+    for labels, value in parsed.get("libvirt_operator_libvirt_call_seconds_total", {}).items():
+        metrics.libvirt_seconds[dict(labels)["api"]] += value
     for labels, value in parsed.get("libvirt_operator_kubernetes_writes_total", {}).items():
         d = dict(labels)
         metrics.kube_writes[(d["verb"], d["resource"])] += value

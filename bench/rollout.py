@@ -12,13 +12,14 @@ it can (unpaced). The rollout/ceiling ratio says how far the agent is from keepi
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from common import (
     GROUP, PLURAL, TEST_DRIVER_ARGS, TEST_DRIVER_URI, VERSION, AgentMetrics, Bench, agent_metrics, agent_writes, diff,
-    log, percentile, proc_usage,
+    host_cpu, log, percentile, proc_usage,
 )
 from libvirt_operator.testing.agent_process import AgentProcess
 
@@ -57,9 +58,11 @@ def rollout(bench: Bench, scenario: str, agent: AgentProcess, namespace: str, na
     writes_before = bench.api_writes()
     metrics_before = agent_metrics(agent)
     _, cpu_before = proc_usage(agent.process.pid)
+    host_before = host_cpu()
     created = bench.create_paced(namespace, names, spec, interval=INTERVAL)
     ready = bench.watch.wait_ready(namespace, names, timeout=timeout)
     all_ready = time.time()
+    host_after = host_cpu()
     bench.wait_quiet(quiet=2.0, timeout=120)  # writes still in flight for the last VMs (their events)
     writes = diff(agent_writes(bench.api_writes()), agent_writes(writes_before))
     metrics_after = agent_metrics(agent)
@@ -81,6 +84,9 @@ def rollout(bench: Bench, scenario: str, agent: AgentProcess, namespace: str, na
     _libvirt_figures(bench, scenario, metrics_before, metrics_after, n)
     bench.add(scenario, "agent_peak_rss", rss, "MiB", "VmHWM of the agent process")
     bench.add(scenario, "agent_cpu_seconds", cpu_after - cpu_before, "s", "utime+stime during the rollout")
+    busy, total = (after - before for after, before in zip(host_after, host_before))
+    bench.add(scenario, "host_cpu_busy", 100 * busy / total, "%",
+              f"every process on all {os.cpu_count()} cores, first POST to last Ready (guests, libvirtd, API server, agent)")
     log(f"{scenario}: all {n} Ready {all_ready - min(created.values()):.1f}s after the first POST")
     return {"rollout_seconds": total, "latencies": latencies, "writes": writes}
 
@@ -92,6 +98,9 @@ def _libvirt_figures(bench: Bench, scenario: str, before: AgentMetrics, after: A
     calls = diff(after.libvirt_calls, before.libvirt_calls)
     bench.add(scenario, "libvirt_calls_per_vm", sum(calls.values()) / n, "calls/VM",
               ", ".join(f"{api}={value / n:.2f}" for api, value in calls.most_common(8)))
+    seconds = diff(after.libvirt_seconds, before.libvirt_seconds)
+    bench.add(scenario, "libvirt_seconds_per_vm", sum(seconds.values()) / n, "s/VM",
+              "time inside libvirt calls: " + ", ".join(f"{api}={value / n:.3f}" for api, value in seconds.most_common(4)))
 
 
 def test_driver(bench: Bench, n: int, node: str, namespace: str, ceiling_seconds: float,
@@ -118,3 +127,12 @@ def qemu(bench: Bench, n: int, node: str, namespace: str, image: Any, uri: str, 
     rollout(bench, "rollout-qemu", agent, namespace, [f"q-{i:03d}" for i in range(n)],
             lambda name: guest_spec(image, node, marker=name, domainType=domain_type), timeout=max(120, n * 4))
     return agent
+
+
+def qemu_without_os(bench: Bench, agent: AgentProcess, n: int, node: str, namespace: str) -> None:
+    """The same rollout with guests that boot no OS (SeaBIOS finds no boot device and idles): what the
+    agent and libvirtd reach when the guests' own kernels do not take the CPU."""
+    bench.namespace(namespace)
+    rollout(bench, "rollout-qemu-no-os", agent, namespace, [f"n-{i:03d}" for i in range(n)],
+            lambda _: {"nodeName": node, "memory": "128Mi", "domainType": "qemu", "terminationGracePeriodSeconds": 0},
+            timeout=max(120, n * 4))

@@ -77,15 +77,18 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
             bench.delete_all(namespace)
             bench.add("cleanup-qemu", "delete_all_seconds", time.monotonic() - began, "s",
                       f"{guests} guests: shutdown, undefine, finalizer")
+            rollout.qemu_without_os(bench, agent, size["qemu"], "bench-qemu", f"{namespace}-no-os")
+            bench.delete_all(f"{namespace}-no-os")
         finally:
-            if agent is not None and bench.list_vms(namespace):
-                try:  # a failed run: let the agent's finalizers remove what they can first
-                    bench.delete_all(namespace, timeout=120)
-                except Exception as error:  # noqa: BLE001
-                    log(f"cleanup: {error}")
+            for leftover in (namespace, f"{namespace}-no-os"):
+                if agent is not None and bench.list_vms(leftover):
+                    try:  # a failed run: let the agent's finalizers remove what they can first
+                        bench.delete_all(leftover, timeout=120)
+                    except Exception as error:  # noqa: BLE001
+                        log(f"cleanup: {error}")
             if agent is not None:
                 agent.stop()
-            left = remove_domains(f"{namespace}_")
+            left = remove_domains(f"{namespace}_") + remove_domains(f"{namespace}-no-os_")
             if left:
                 log(f"removed {left} leftover domains")
 

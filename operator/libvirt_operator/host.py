@@ -19,6 +19,7 @@ import functools
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -166,7 +167,7 @@ def state_name(state: int) -> str:
     return DOMAIN_STATES[state] if 0 <= state < len(DOMAIN_STATES) else "nostate"
 
 
-Count = Callable[[str, Sequence[str]], None]
+Count = Callable[[str, Sequence[str], float], None]
 
 
 class Counted:
@@ -200,11 +201,12 @@ class Counted:
     def _invoke(self, name: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raw = [unwrap(arg) for arg in args]
         result = None
+        began = time.monotonic()
         try:
             result = method(*raw, **kwargs)
             return wrap(result, self._count)
         finally:
-            self._count(name, _domain_uuids(self.target, result, raw))
+            self._count(name, _domain_uuids(self.target, result, raw), time.monotonic() - began)
 
 
 def _domain_uuids(target: Any, result: Any, args: list[Any]) -> list[str]:
@@ -430,6 +432,8 @@ class Host:
         """Driver calls by API name."""
         self.domain_calls: collections.Counter[tuple[str, str]] = collections.Counter()
         """Driver calls by (domain UUID, API name), for calls that concern one or a list of domains."""
+        self.call_seconds: collections.Counter[str] = collections.Counter()
+        """Seconds spent in driver calls, by API name."""
         self._count_lock = threading.Lock()
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
@@ -549,9 +553,10 @@ class Host:
             memory_used_bytes=1024 * sum(int(s.get("balloon.current", s.get("balloon.maximum", 0))) for s in active),
         )
 
-    def _count(self, name: str, uuids: Sequence[str] = ()) -> None:
+    def _count(self, name: str, uuids: Sequence[str] = (), seconds: float = 0.0) -> None:
         with self._count_lock:
             self.calls[name] += 1
+            self.call_seconds[name] += seconds
             self.domain_calls.update((uuid, name) for uuid in uuids)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:

@@ -37,6 +37,8 @@ class AgentCollector:
         yield CounterMetricFamily(f"{PREFIX}_reconcile_seconds", "Time spent reconciling.", value=agent.reconcile_seconds)
         yield _labelled(CounterMetricFamily, f"{PREFIX}_libvirt_calls", "libvirt calls made, by API.", ["api"],
                         agent.host.calls)
+        yield _labelled(CounterMetricFamily, f"{PREFIX}_libvirt_call_seconds", "Time spent in libvirt calls, by API.",
+                        ["api"], agent.host.call_seconds)
         yield _labelled(CounterMetricFamily, f"{PREFIX}_kubernetes_writes", "Kubernetes writes made, by verb and resource.",
                         ["verb", "resource"], agent.kube.writes)
         states = Counter(snapshot.state for snapshot in agent.cache.snapshots().values())
