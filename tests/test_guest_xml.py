@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from lxml import etree
 from libvirt_operator.guest import (
     merge, parse_domain, plan_disks, render, seed_iso, stable_mac,
 )
-from libvirt_operator.metadata import OWNER_TAG, owner_from_domain
+from libvirt_operator.metadata import OWNER_TAG, interfaces_from_domain, owner_from_domain
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.paths import confine, confine_spec
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
@@ -231,6 +232,17 @@ def test_merge_replaces_what_the_operator_models_and_keeps_the_rest() -> None:
     base = _one(merged, "devices/disk[alias/@name='ua-disk-base']")
     assert base.find("target").get("bus") == "scsi" and base.find("address") is None, "a bus change drops the PCI address"
     assert len(merged.findall("devices/serial")) == 1 and len(merged.findall("devices/interface")) == 3
+
+
+def test_a_definition_with_the_older_ua_name_aliases_reads_back_and_merges_by_name() -> None:
+    rendered = render_manifest(SAMPLES["every-field"])
+    legacy = re.sub(r'<alias name="ua-(?:disk|nic)-', '<alias name="ua-', _live_definition(rendered))
+    facts = parse_domain(legacy)
+    assert [d.name for d in facts.disks] == [d.name for d in parse_domain(rendered).disks]
+    assert [i.name for i in interfaces_from_domain(etree.fromstring(legacy.encode()))] == ["default", "lan", "slirp"]
+    merged = assert_valid(merge(legacy, rendered))
+    assert _one(merged, "devices/disk[alias/@name='ua-disk-root']/address").get("slot") == "0x04", \
+        "the same disk, renamed to the new alias, keeps its PCI address"
 
 
 def test_merge_into_a_definition_without_devices_or_metadata() -> None:

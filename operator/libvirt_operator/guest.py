@@ -25,7 +25,10 @@ import pycdlib
 import yaml
 from lxml import etree
 
-from libvirt_operator.metadata import DISK_ALIAS_PREFIX, INTERFACE_ALIAS_PREFIX, OWNER_TAG, interfaces_from_domain, owner_element, owner_from_domain, parse
+from libvirt_operator.metadata import (
+    DISK_ALIAS_PREFIX, INTERFACE_ALIAS_PREFIX, OWNER_TAG, interfaces_from_domain, owner_element, owner_from_domain, parse,
+    spec_name,
+)
 from libvirt_operator.model import AgentSettings, InterfaceFacts, OwnerMetadata, VMRef
 from libvirt_operator.paths import confine_spec, refuse_other_vms_disks
 from libvirt_operator.spec import (
@@ -293,12 +296,6 @@ class DomainFacts:
         return tuple(interface.mac_address for interface in self.interfaces)
 
 
-def _spec_name(device: etree._Element, prefix: str) -> str | None:
-    alias_element = device.find("alias")
-    alias = alias_element.get("name", "") if alias_element is not None else ""
-    return alias[len(prefix):] if alias.startswith(prefix) else None
-
-
 def _disk_facts(disk: etree._Element) -> DiskFacts:
     target = disk.find("target")
     source = disk.find("source")
@@ -306,7 +303,7 @@ def _disk_facts(disk: etree._Element) -> DiskFacts:
     dev = target.get("dev", "") if target is not None else ""
     attr = (lambda name: source.get(name)) if source is not None else (lambda name: None)
     return DiskFacts(
-        name=_spec_name(disk, DISK_ALIAS_PREFIX) or dev, target=dev, bus=target.get("bus") if target is not None else None,
+        name=spec_name(disk, DISK_ALIAS_PREFIX) or dev, target=dev, bus=target.get("bus") if target is not None else None,
         device=disk.get("device", "disk"), format=driver.get("type") if driver is not None else None,
         path=attr("file") or attr("dev"), pool=attr("pool"), volume=attr("volume"),
         read_only=disk.find("readonly") is not None,
@@ -351,10 +348,10 @@ def _device_key(device: etree._Element) -> tuple[str | None, ...]:
     target = device.find("target")
     target_attr = (lambda name: target.get(name)) if target is not None else (lambda name: None)
     if device.tag == "disk":
-        return ("disk", _spec_name(device, DISK_ALIAS_PREFIX) or target_attr("dev"), target_attr("bus"))
+        return ("disk", spec_name(device, DISK_ALIAS_PREFIX) or target_attr("dev"), target_attr("bus"))
     if device.tag == "interface":
         mac = device.find("mac")
-        return ("interface", _spec_name(device, INTERFACE_ALIAS_PREFIX) or (mac.get("address") if mac is not None else None))
+        return ("interface", spec_name(device, INTERFACE_ALIAS_PREFIX) or (mac.get("address") if mac is not None else None))
     if device.tag == "controller":
         return ("controller", device.get("type"), device.get("index"))
     if device.tag in ("serial", "console"):

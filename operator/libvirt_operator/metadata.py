@@ -23,6 +23,19 @@ from libvirt_operator.model import InterfaceFacts, OwnerMetadata
 OWNER_TAG = f"{{{METADATA_NAMESPACE}}}vm"
 INTERFACE_ALIAS_PREFIX = "ua-nic-"
 DISK_ALIAS_PREFIX = "ua-disk-"
+LEGACY_ALIAS_PREFIX = "ua-"
+"""Domains defined before the per-kind prefixes name their devices `ua-NAME`."""
+
+
+def spec_name(device: etree._Element, prefix: str) -> str | None:
+    """The spec's name of a disk or interface from its user alias (`prefix` + name), else None."""
+    alias = device.find("alias")
+    name = alias.get("name", "") if alias is not None else ""
+    if name.startswith(prefix):
+        return name[len(prefix):]
+    if name.startswith(LEGACY_ALIAS_PREFIX) and not name.startswith((DISK_ALIAS_PREFIX, INTERFACE_ALIAS_PREFIX)):
+        return name[len(LEGACY_ALIAS_PREFIX):]
+    return None
 
 
 def owner_element(owner: OwnerMetadata) -> etree._Element:
@@ -74,9 +87,7 @@ def interfaces_from_domain(root: etree._Element) -> tuple[InterfaceFacts, ...]:
     """Each interface's spec name (from its user alias, else `netN`) and MAC address."""
     facts = []
     for index, interface in enumerate(root.iterfind("devices/interface")):
-        alias = interface.find("alias")
-        alias_name = alias.get("name", "") if alias is not None else ""
-        name = alias_name[len(INTERFACE_ALIAS_PREFIX):] if alias_name.startswith(INTERFACE_ALIAS_PREFIX) else f"net{index}"
+        name = spec_name(interface, INTERFACE_ALIAS_PREFIX) or f"net{index}"
         mac = interface.find("mac")
         facts.append(InterfaceFacts(name=name, mac_address=mac.get("address", "") if mac is not None else ""))
     return tuple(facts)
