@@ -64,6 +64,7 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
     with running_libvirtd() as uri:
         image = build_guest_image()
         namespace = "bench-qemu"
+        no_os_namespace = f"{namespace}-no-os"
         remove_domains(f"{namespace}_")
         agent = None
         try:
@@ -77,10 +78,10 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
             bench.delete_all(namespace)
             bench.add("cleanup-qemu", "delete_all_seconds", time.monotonic() - began, "s",
                       f"{guests} guests: shutdown, undefine, finalizer")
-            rollout.qemu_without_os(bench, agent, size["qemu"], "bench-qemu", f"{namespace}-no-os")
-            bench.delete_all(f"{namespace}-no-os")
+            rollout.qemu_without_os(bench, agent, size["qemu"], "bench-qemu", no_os_namespace)
+            bench.delete_all(no_os_namespace)
         finally:
-            for leftover in (namespace, f"{namespace}-no-os"):
+            for leftover in (namespace, no_os_namespace):
                 if agent is not None and bench.list_vms(leftover):
                     try:  # a failed run: let the agent's finalizers remove what they can first
                         bench.delete_all(leftover, timeout=120)
@@ -88,7 +89,7 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
                         log(f"cleanup: {error}")
             if agent is not None:
                 agent.stop()
-            left = remove_domains(f"{namespace}_") + remove_domains(f"{namespace}-no-os_")
+            left = sum(remove_domains(f"{name}_") for name in (namespace, no_os_namespace))
             if left:
                 log(f"removed {left} leftover domains")
 
