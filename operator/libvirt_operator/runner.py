@@ -37,6 +37,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
+HOST_SPARE_THREADS = 4
+"""libvirt threads beyond one per reconcile worker: relists, heartbeats and orphan removals never wait for a slow start."""
+
+
 def settings_from(args: argparse.Namespace) -> AgentSettings:
     defaults = AgentSettings()
     return AgentSettings(
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     tuning = Tuning(workers=args.workers, resync_seconds=args.resync_seconds)
 
     def make_agent() -> Agent:
-        host = Host(settings.libvirt_uri)
+        host = Host(settings.libvirt_uri, workers=tuning.workers + HOST_SPARE_THREADS)
         kube = KubeClient.from_environment("libvirt-operator", settings.node_name, args.kubeconfig and str(args.kubeconfig))
         agent = Agent(settings, kube, host, DomainCache(host, relist_interval=args.relist_seconds), tuning)
         if args.metrics_port:

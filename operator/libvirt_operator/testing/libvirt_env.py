@@ -30,6 +30,13 @@ QEMU_SETTINGS = {
     "security_driver": '"none"',
     "cgroup_controllers": "[ ]",
 }
+LIBVIRTD_CONF = Path("/etc/libvirt/libvirtd.conf")
+# libvirtd serves 5 calls per connection at a time by default: the agent's one connection would
+# queue every lookup behind 5 slow domain starts (see README, "Deploying on a cluster").
+LIBVIRTD_SETTINGS = {
+    "max_client_requests": "64",
+    "max_workers": "64",
+}
 DEFAULT_POOL = "default"
 DEFAULT_POOL_PATH = Path("/var/lib/libvirt/images")
 GUEST_CACHE = Path("/var/lib/libvirt/boot/libvirt-operator-tests")
@@ -51,11 +58,22 @@ def libvirtd_answers(uri: str = SYSTEM_URI) -> bool:
         return False
 
 
-def _configure_qemu() -> None:
-    lines = QEMU_CONF.read_text().splitlines() if QEMU_CONF.exists() else []
-    kept = [line for line in lines if line.split("=")[0].strip() not in QEMU_SETTINGS]
-    QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
-    QEMU_CONF.write_text("\n".join(kept + [f"{k} = {v}" for k, v in QEMU_SETTINGS.items()]) + "\n")
+def _set_config(path: Path, settings: dict[str, str]) -> bool:
+    """Sets `settings` in a libvirt config file, keeping its other lines; True if the file changed."""
+    before = path.read_text() if path.exists() else ""
+    kept = [line for line in before.splitlines() if line.split("=")[0].strip() not in settings]
+    after = "\n".join(kept + [f"{k} = {v}" for k, v in settings.items()]) + "\n"
+    if after == before:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(after)
+    return True
+
+
+def _configure() -> bool:
+    """Writes the daemons' settings and makes the users they need; True if libvirtd's own settings changed."""
+    _set_config(QEMU_CONF, QEMU_SETTINGS)
+    libvirtd_changed = _set_config(LIBVIRTD_CONF, LIBVIRTD_SETTINGS)
     for group in ("kvm", "libvirt-qemu"):
         if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
             subprocess.run(["groupadd", "--system", group], check=True)
@@ -65,6 +83,7 @@ def _configure_qemu() -> None:
         )
     for d in ("/var/run/libvirt", "/var/lib/libvirt/qemu", "/var/log/libvirt/qemu", "/var/cache/libvirt"):
         Path(d).mkdir(parents=True, exist_ok=True)
+    return libvirtd_changed
 
 
 def _pids(name: str) -> list[int]:
@@ -94,7 +113,8 @@ def _socket_answers(path: Path) -> bool:
 
 def start_daemons() -> None:
     """Starts virtlogd and libvirtd as daemons and waits until qemu:///system answers."""
-    _configure_qemu()
+    if _configure() and _pids("libvirtd"):
+        kill_libvirtd(signal.SIGTERM)  # libvirtd reads its settings when it starts; running guests stay
     if not _socket_answers(VIRTLOGD_SOCKET):
         for pid in _pids("virtlogd"):
             with contextlib.suppress(ProcessLookupError):
