@@ -8,22 +8,30 @@ libvirt calls per VM (the agent's /metrics), the agent's peak RSS and CPU second
 Ceiling: with no agent running, a plain Python client creates the same N objects on the same
 100 ms schedule and patches one status each right after each creation; also once as fast as
 it can (unpaced). The rollout/ceiling ratio says how far the agent is from keeping up.
+
+QEMU ceiling: with no agent and no API server in the loop, the same N guests' domain XML (rendered
+by the operator's own `guest.render`) is defined and started straight through libvirt, one thread
+per guest on the same 100 ms schedule: what this machine gives when nothing but libvirtd and
+QEMU does the work.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from common import (
     GROUP, PLURAL, TEST_DRIVER_ARGS, TEST_DRIVER_URI, VERSION, AgentMetrics, Bench, agent_metrics, agent_writes, diff,
-    host_cpu, log, percentile, proc_usage,
+    host_cpu, log, percentile, proc_usage, remove_domains,
 )
 from libvirt_operator.testing.agent_process import AgentProcess
 
 INTERVAL = 0.1
+CEILING_QEMU_PREFIX = "bench-ceiling-qemu_"
 READY_STATUS = {"printableStatus": "Running", "ready": True, "nodeName": "nowhere"}
 
 
@@ -49,6 +57,57 @@ def ceiling(bench: Bench, n: int, scenario: str = "ceiling-test") -> dict[str, f
     bench.add(scenario, "ceiling_paced_seconds", paced, "s", f"N={n}, 100 ms apart, create + 1 status patch each")
     bench.add(scenario, "ceiling_unpaced_seconds", unpaced, "s", f"N={n}, back to back, create + 1 status patch each")
     return {"paced": paced, "unpaced": unpaced}
+
+
+def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_type: str) -> dict[str, float]:
+    """Define + start of `n` guests through libvirt alone, 100 ms apart; the domains are removed after."""
+    import libvirt
+    from e2e import guest_spec
+    from libvirt_operator.guest import plan_disks, render
+    from libvirt_operator.model import AgentSettings, VMRef
+    from libvirt_operator.spec import parse_spec
+
+    scenario, settings = "ceiling-qemu", AgentSettings()
+    settings.console_log_dir.mkdir(parents=True, exist_ok=True)
+    xmls = []
+    for i in range(n):
+        vm = VMRef(uid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{CEILING_QEMU_PREFIX}{i}")), namespace="bench-ceiling-qemu",
+                   name=f"c-{i:03d}")
+        spec = parse_spec(guest_spec(image, node, marker=vm.name, domainType=domain_type))
+        xmls.append(render(spec, vm, settings, generation=1, spec_hash="", disks=plan_disks(spec, vm, settings)))
+    conn = libvirt.open(uri)
+    latencies: list[float] = [0.0] * n
+    domains: list[Any] = []
+    host_before = host_cpu()
+    began = time.monotonic()
+
+    def define_and_start(i: int) -> None:
+        due = began + i * INTERVAL
+        time.sleep(max(0.0, due - time.monotonic()))
+        domain = conn.defineXML(xmls[i])
+        domains.append(domain)
+        domain.create()
+        latencies[i] = time.monotonic() - due
+
+    threads = [threading.Thread(target=define_and_start, args=(i,)) for i in range(n)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        busy, total = (after - before for after, before in zip(host_cpu(), host_before))
+    finally:
+        for domain in domains:
+            domain.destroy()
+            domain.undefine()
+        conn.close()
+        remove_domains(CEILING_QEMU_PREFIX, uri)
+    bench.add(scenario, "define_start_p50", percentile(latencies, 50), "s")
+    bench.add(scenario, "define_start_p95", percentile(latencies, 95), "s",
+              f"{n} guests, defineXML + create, one thread each, 100 ms apart; no agent, no API server")
+    bench.add(scenario, "define_start_max", max(latencies), "s")
+    bench.add(scenario, "host_cpu_busy", 100 * busy / total, "%", f"all {os.cpu_count()} cores, first define to last start")
+    return {"p95": percentile(latencies, 95)}
 
 
 def rollout(bench: Bench, scenario: str, agent: AgentProcess, namespace: str, names: list[str],
@@ -118,14 +177,17 @@ def test_driver(bench: Bench, n: int, node: str, namespace: str, ceiling_seconds
 
 def qemu(bench: Bench, n: int, node: str, namespace: str, image: Any, uri: str, domain_type: str = "qemu",
          profile: Any = None) -> AgentProcess:
-    """The real-QEMU rollout (128Mi busybox guests); returns the agent (left running)."""
+    """The real-QEMU rollout (128Mi busybox guests), after its ceiling; returns the agent (left running)."""
     from e2e import guest_spec
 
+    ceiling_p95 = qemu_ceiling(bench, n, node, image, uri, domain_type)["p95"]
     agent = bench.start_agent(node, uri, profile=profile)
     bench.namespace(namespace)
     bench.add("rollout-qemu", "domain_type", domain_type, "", "qemu: TCG emulation; kvm: hardware virtualisation")
-    rollout(bench, "rollout-qemu", agent, namespace, [f"q-{i:03d}" for i in range(n)],
-            lambda name: guest_spec(image, node, marker=name, domainType=domain_type), timeout=max(120, n * 4))
+    result = rollout(bench, "rollout-qemu", agent, namespace, [f"q-{i:03d}" for i in range(n)],
+                     lambda name: guest_spec(image, node, marker=name, domainType=domain_type), timeout=max(120, n * 4))
+    bench.add("rollout-qemu", "p95_over_ceiling", percentile(result["latencies"], 95) / ceiling_p95, "x",
+              "creation-to-Ready p95 / define+start p95 of ceiling-qemu")
     return agent
 
 

@@ -13,7 +13,7 @@ import datetime
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -23,7 +23,7 @@ from libvirt_operator.metrics import EVENT_TO_STATUS
 from libvirt_operator.domains import DomainCache
 from libvirt_operator.host import Host, HostUnavailable
 from libvirt_operator.kube import FINALIZER, KubeClient, now_iso, status_merge_patch
-from libvirt_operator.model import AgentSettings, DomainSnapshot, OwnerMetadata, VMRef
+from libvirt_operator.model import AgentSettings, DomainSnapshot, OwnerMetadata, Tuning, VMRef
 from libvirt_operator.spec import SpecError, VMSpec, parse_spec, spec_hash
 from libvirt_operator.workqueue import WorkQueue
 
@@ -34,15 +34,6 @@ RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 VOLATILE_STATUS = ("stats",)
 VOLATILE_DOMAIN = ("resourceVersion",)
-
-
-@dataclass(frozen=True)
-class Tuning:
-    workers: int = 16
-    resync_seconds: float = 60.0
-    heartbeat_seconds: float = 20.0
-    stats_seconds: float = 600.0
-    stalled_retry_seconds: float = 60.0
 
 
 def _significant(status: Mapping[str, Any]) -> dict[str, Any]:

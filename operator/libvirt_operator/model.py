@@ -16,6 +16,17 @@ DOMAIN_STATES = (
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """How hard one agent works; `workers` VMs are reconciled at a time, each with its own libvirt call."""
+
+    workers: int = 60
+    resync_seconds: float = 60.0
+    heartbeat_seconds: float = 20.0
+    stats_seconds: float = 600.0
+    stalled_retry_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     """How one agent is configured; passed in, never read from the environment inside Host/Guest."""
 

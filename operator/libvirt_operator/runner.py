@@ -8,11 +8,11 @@ import os
 import socket
 from pathlib import Path
 
-from libvirt_operator.model import AgentSettings
+from libvirt_operator.model import AgentSettings, Tuning
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = AgentSettings()
+    defaults, tuning = AgentSettings(), Tuning()
     parser.add_argument("--libvirt-uri", default=os.environ.get("LIBVIRT_URI", defaults.libvirt_uri),
                         help="libvirt connection URI (default qemu:///system; test:///default for a demo)")
     parser.add_argument("--node-name", default=os.environ.get("NODE_NAME", socket.gethostname()),
@@ -30,8 +30,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=defaults.state_dir, help="per-VM files such as UEFI NVRAM")
     parser.add_argument("--console-log-dir", type=Path, default=defaults.console_log_dir,
                         help="where serial console logs go (spec.console.log)")
-    parser.add_argument("--workers", type=int, default=16, help="VMs reconciled at the same time")
-    parser.add_argument("--resync-seconds", type=float, default=60.0, help="how often every VM is looked at again")
+    parser.add_argument("--workers", type=int, default=tuning.workers,
+                        help="VMs reconciled at the same time (libvirtd's max_client_requests should allow it + 4)")
+    parser.add_argument("--resync-seconds", type=float, default=tuning.resync_seconds,
+                        help="how often every VM is looked at again")
     parser.add_argument("--relist-seconds", type=float, default=60.0,
                         help="how often the domain list is read in full, to repair missed events")
     parser.add_argument("--log-level", default="INFO")
@@ -52,7 +54,7 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
 
 def run(args: argparse.Namespace) -> int:
     from libvirt_operator import handlers, metrics
-    from libvirt_operator.agent import Agent, Tuning
+    from libvirt_operator.agent import Agent
     from libvirt_operator.domains import DomainCache
     from libvirt_operator.host import Host
     from libvirt_operator.kube import KubeClient
