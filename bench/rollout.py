@@ -95,7 +95,7 @@ def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_t
             thread.start()
         for thread in threads:
             thread.join()
-        busy, total = (after - before for after, before in zip(host_cpu(), host_before))
+        busy, cpu_total = (after - before for after, before in zip(host_cpu(), host_before))
     finally:
         for domain in domains:
             domain.destroy()
@@ -106,7 +106,7 @@ def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_t
     bench.add(scenario, "define_start_p95", percentile(latencies, 95), "s",
               f"{n} guests, defineXML + create, one thread each, 100 ms apart; no agent, no API server")
     bench.add(scenario, "define_start_max", max(latencies), "s")
-    bench.add(scenario, "host_cpu_busy", 100 * busy / total, "%", f"all {os.cpu_count()} cores, first define to last start")
+    bench.add(scenario, "host_cpu_busy", 100 * busy / cpu_total, "%", f"all {os.cpu_count()} cores, first define to last start")
     return {"p95": percentile(latencies, 95)}
 
 
@@ -143,8 +143,8 @@ def rollout(bench: Bench, scenario: str, agent: AgentProcess, namespace: str, na
     _libvirt_figures(bench, scenario, metrics_before, metrics_after, n)
     bench.add(scenario, "agent_peak_rss", rss, "MiB", "VmHWM of the agent process")
     bench.add(scenario, "agent_cpu_seconds", cpu_after - cpu_before, "s", "utime+stime during the rollout")
-    busy, total = (after - before for after, before in zip(host_after, host_before))
-    bench.add(scenario, "host_cpu_busy", 100 * busy / total, "%",
+    busy, cpu_total = (after - before for after, before in zip(host_after, host_before))
+    bench.add(scenario, "host_cpu_busy", 100 * busy / cpu_total, "%",
               f"every process on all {os.cpu_count()} cores, first POST to last Ready (guests, libvirtd, API server, agent)")
     log(f"{scenario}: all {n} Ready {all_ready - min(created.values()):.1f}s after the first POST")
     return {"rollout_seconds": total, "latencies": latencies, "writes": writes}

@@ -330,6 +330,26 @@ async def test_read_domain_reports_state_reason_owner_and_addresses(test_host: H
 
 
 @pytest.mark.libvirt
+async def test_snapshot_stats_never_ask_qemu_and_take_memory_and_vcpus_from_the_xml(
+    system_host: Host, system_prefix: str,
+) -> None:
+    """Balloon, vCPU and block statistics make libvirtd ask each guest's QEMU monitor in turn,
+    which starved guests answer slowly; snapshots ask only for groups libvirtd knows itself."""
+    uuid, = await define_owned(system_host, system_prefix, 1, "qemu")
+    await system_host.call(lambda conn, dom: dom.create(), await _lookup(system_host, uuid))  # SeaBIOS, no OS
+
+    running = await system_host.read_domain(uuid)
+    assert running is not None and running.state == "running"
+    assert (running.stats["balloon.current"], running.stats["balloon.maximum"]) == (64 * 1024, 64 * 1024)
+    assert (running.stats["vcpu.current"], running.stats["vcpu.maximum"]) == (1, 1)
+    asked_qemu = [key for key in running.stats if key.startswith(("balloon.rss", "vcpu.0.", "block."))]
+    assert not asked_qemu and "cpu.time" in running.stats
+
+    capacity = await system_host.capacity(libvirt_env.DEFAULT_POOL)
+    assert capacity.vcpus_used >= 1 and capacity.memory_used_bytes >= 64 * 1024 * 1024
+
+
+@pytest.mark.libvirt
 async def test_relisting_reads_xml_only_of_domains_an_event_touched(test_host: Host) -> None:
     uuids = await define_owned(test_host, PREFIX, 20, "test")
     first, _ = await counted(test_host, test_host.read_domains)

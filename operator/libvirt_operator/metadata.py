@@ -91,3 +91,17 @@ def interfaces_from_domain(root: etree._Element) -> tuple[InterfaceFacts, ...]:
         mac = interface.find("mac")
         facts.append(InterfaceFacts(name=name, mac_address=mac.get("address", "") if mac is not None else ""))
     return tuple(facts)
+
+
+def sizing_from_domain(root: etree._Element) -> dict[str, int]:
+    """Memory (KiB: libvirt's XML always says so) and vCPUs, named as libvirt's balloon and vcpu statistics."""
+    sizing: dict[str, int] = {}
+    for key, path in (("balloon.maximum", "memory"), ("balloon.current", "currentMemory")):
+        element = root.find(path)
+        if element is not None and element.text:
+            sizing[key] = int(element.text)
+    vcpu = root.find("vcpu")
+    if vcpu is not None and vcpu.text:
+        sizing["vcpu.maximum"] = int(vcpu.text)
+        sizing["vcpu.current"] = int(vcpu.get("current", vcpu.text))
+    return sizing
