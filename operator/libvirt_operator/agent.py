@@ -72,11 +72,12 @@ class Agent:
         await self.host.start()
         await self.cache.start()
         self.cache.subscribe(self._domain_changed)
-        await self.heartbeat()
         self._tasks = [asyncio.create_task(self.queue.serve(self.reconcile_safely))
                        for _ in range(self.tuning.workers)]
+        # The first heartbeat runs beside the reconciles: reading capacity asks every guest's QEMU,
+        # which takes seconds when the guests keep the CPUs busy, and VMs need none of it.
         self._tasks += [asyncio.create_task(self._every(self.tuning.resync_seconds, self.resync)),
-                        asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.heartbeat))]
+                        asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.heartbeat, at_once=True))]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -87,9 +88,11 @@ class Agent:
         await self.host.stop()
 
     @staticmethod
-    async def _every(seconds: float, job: Callable[[], Any]) -> None:
+    async def _every(seconds: float, job: Callable[[], Any], *, at_once: bool = False) -> None:
+        delay = 0.0 if at_once else seconds
         while True:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(delay)
+            delay = seconds
             try:
                 await job()
             except Exception:
