@@ -69,8 +69,14 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
         agent = None
         try:
             guests = max(size["qemu"], size["qemu_restart"])
+            logs = console_logs(namespace, [f"q-{i:03d}" for i in range(guests)])
             agent = rollout.qemu(bench, guests, "bench-qemu", namespace, image, uri, domain_type=size["domain_type"],
                                  profile=profile_dir / "agent-qemu.pyisession" if profile_dir else None)
+            began = time.monotonic()
+            wait_guests_booted(logs, timeout=300)
+            bench.add("restart-qemu", "guests_booted_wait", time.monotonic() - began, "s",
+                      "after all Ready, until every guest's console says LVO-GUEST-READY: the restart then "
+                      "measures the agent, not 50 kernels booting")
             restart.restart(bench, "restart-qemu", agent, namespace, guests, domain_prefix=f"{namespace}_")
             names = [f"q-{i:03d}" for i in range(guests)]
             reaction.react(bench, namespace, names, size["reactions"], uri)
@@ -92,6 +98,25 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
             left = sum(remove_domains(f"{name}_") for name in (namespace, no_os_namespace))
             if left:
                 log(f"removed {left} leftover domains")
+
+
+def console_logs(namespace: str, names: list[str]) -> dict[Path, int]:
+    """Each guest's console log and its size now (logs are appended to across runs)."""
+    from libvirt_operator.guest import console_log_path
+    from libvirt_operator.model import AgentSettings, VMRef
+
+    settings = AgentSettings()
+    paths = [console_log_path(VMRef(uid="", namespace=namespace, name=name), settings) for name in names]
+    return {path: path.stat().st_size if path.exists() else 0 for path in paths}
+
+
+def wait_guests_booted(logs: dict[Path, int], timeout: float) -> None:
+    """Until every log says LVO-GUEST-READY after the offset it had."""
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() and b"LVO-GUEST-READY" in path.read_bytes()[offset:] for path, offset in logs.items()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the guests did not all boot within {timeout}s")
+        time.sleep(1)
 
 
 def host_listing(bench: Bench, size: dict) -> None:
