@@ -191,6 +191,22 @@ def qemu(bench: Bench, n: int, node: str, namespace: str, image: Any, uri: str, 
     return agent
 
 
+IDLE_VCPUS = ("--guest-vcpu-scheduler", "idle")
+
+
+def qemu_idle_vcpus(bench: Bench, n: int, node: str, namespace: str, image: Any, uri: str,
+                    domain_type: str = "qemu") -> AgentProcess:
+    """The same rollout by an agent started with `--guest-vcpu-scheduler idle`: the guests' vCPUs get
+    only the CPU that libvirtd, QEMU starting other guests, the API server and the agent leave."""
+    from e2e import guest_spec
+
+    agent = bench.start_agent(node, uri, IDLE_VCPUS)
+    bench.namespace(namespace)
+    rollout(bench, "rollout-qemu-idle-vcpus", agent, namespace, [f"i-{i:03d}" for i in range(n)],
+            lambda name: guest_spec(image, node, marker=name, domainType=domain_type), timeout=max(120, n * 4))
+    return agent
+
+
 def qemu_without_os(bench: Bench, agent: AgentProcess, n: int, node: str, namespace: str) -> None:
     """The same rollout with guests that boot no OS (SeaBIOS finds no boot device and idles): what the
     agent and libvirtd reach when the guests' own kernels do not take the CPU."""

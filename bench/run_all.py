@@ -65,6 +65,7 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
         image = build_guest_image()
         namespace = "bench-qemu"
         no_os_namespace = f"{namespace}-no-os"
+        idle_namespace = f"{namespace}-idle-vcpus"
         remove_domains(f"{namespace}_")
         agent = None
         try:
@@ -86,8 +87,12 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
                       f"{guests} guests: shutdown, undefine, finalizer")
             rollout.qemu_without_os(bench, agent, size["qemu"], "bench-qemu", no_os_namespace)
             bench.delete_all(no_os_namespace)
+            agent.stop()
+            agent = rollout.qemu_idle_vcpus(bench, size["qemu"], "bench-qemu", idle_namespace, image, uri,
+                                            domain_type=size["domain_type"])
+            bench.delete_all(idle_namespace)
         finally:
-            for leftover in (namespace, no_os_namespace):
+            for leftover in (namespace, no_os_namespace, idle_namespace):
                 if agent is not None and bench.list_vms(leftover):
                     try:  # a failed run: let the agent's finalizers remove what they can first
                         bench.delete_all(leftover, timeout=120)
@@ -95,7 +100,7 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
                         log(f"cleanup: {error}")
             if agent is not None:
                 agent.stop()
-            left = sum(remove_domains(f"{name}_") for name in (namespace, no_os_namespace))
+            left = sum(remove_domains(f"{name}_") for name in (namespace, no_os_namespace, idle_namespace))
             if left:
                 log(f"removed {left} leftover domains")
 

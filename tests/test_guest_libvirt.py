@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 import http.server
 import subprocess
 import threading
@@ -308,3 +309,32 @@ def test_a_qemu_guest_boots_from_a_cloned_disk_with_a_cloud_init_seed(
     assert sorted(guest.delete_owned_volumes(conn, vm.uid, settings)) == sorted(
         [guest.owned_volume_name(vm.uid, "root"), guest.seed_volume_name(vm.uid, "seed")])
     assert guest_image.disk.exists()
+
+
+def _thread_policies(pid: int) -> dict[str, int]:
+    """QEMU's threads (named: the domain runs with debug-threads=on) -> their scheduling policy."""
+    policies = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        policies[(task / "comm").read_text().strip()] = os.sched_getscheduler(int(task.name))
+    return policies
+
+
+@pytest.mark.parametrize(("scheduler", "policy"), [("idle", os.SCHED_IDLE), ("normal", os.SCHED_OTHER)])
+def test_the_agents_vcpu_scheduler_reaches_the_guests_vcpu_threads_only(
+    conn: libvirt.virConnect, vm: VMRef, settings: AgentSettings, guest_image: GuestImage, scheduler: str, policy: int,
+) -> None:
+    raw = {"domainType": "qemu", "memory": "128Mi", "cpu": {"cores": 2},
+           "kernelBoot": {"kernel": str(guest_image.kernel), "initrd": str(guest_image.initrd),
+                          "cmdline": guest_image.cmdline(marker="sched")}}
+    settings = dataclasses.replace(settings, guest_vcpu_scheduler=scheduler)
+    guest.provision_and_define(conn, parse_spec(raw), vm, settings, generation=1, spec_hash=spec_hash(raw),
+                               user_data_lookup={}.get, existing_xml=None)
+    guest.start(conn, vm.uid)
+    pid = int(Path(f"/run/libvirt/qemu/{vm.domain_name}.pid").read_text())
+
+    policies = _thread_policies(pid)
+
+    vcpus = {name: value for name, value in policies.items() if name.startswith("CPU ")}
+    assert sorted(vcpus) == ["CPU 0/TCG", "CPU 1/TCG"] and set(vcpus.values()) == {policy}, policies
+    assert {value for name, value in policies.items() if name not in vcpus} == {os.SCHED_OTHER}, \
+        "QEMU's own threads (main loop, monitor) keep the normal policy"

@@ -320,3 +320,30 @@ def test_another_vms_disk_is_refused_naming_the_field() -> None:
     with pytest.raises(SpecError) as error:
         refuse_other_vms_disks(stolen, mine)
     assert error.value.field == "spec.disks[0].volume.name" and theirs in error.value.message
+
+
+@pytest.mark.parametrize(("scheduler", "cores", "vcpus"), [("idle", 1, "0"), ("idle", 3, "0-2"), ("batch", 2, "0-1")])
+def test_the_agents_vcpu_scheduler_covers_every_vcpu(scheduler: str, cores: int, vcpus: str) -> None:
+    manifest = yaml.safe_load(yaml.safe_dump(SAMPLES["every-field"]))
+    manifest["spec"]["cpu"] = {"cores": cores}
+    root = assert_valid(render_manifest(manifest, settings=dataclasses.replace(SETTINGS, guest_vcpu_scheduler=scheduler)))
+
+    assert [(e.get("vcpus"), e.get("scheduler")) for e in root.iterfind("cputune/vcpusched")] == [(vcpus, scheduler)]
+
+
+def test_the_default_vcpu_scheduler_leaves_libvirts_own() -> None:
+    assert assert_valid(render_manifest(SAMPLES["every-field"])).find("cputune") is None
+
+
+def test_merge_keeps_one_cputune_the_rendered_one_when_it_has_one() -> None:
+    idle = dataclasses.replace(SETTINGS, guest_vcpu_scheduler="idle")
+    live = etree.fromstring(_live_definition(render_manifest(SAMPLES["every-field"])).encode())
+    etree.SubElement(etree.SubElement(live, "cputune"), "shares").text = "512"
+    live_xml = etree.tostring(live, encoding="unicode")
+
+    replaced = assert_valid(merge(live_xml, render_manifest(SAMPLES["every-field"], settings=idle)))
+    kept = assert_valid(merge(live_xml, render_manifest(SAMPLES["every-field"])))
+
+    assert [child.tag for child in replaced.find("cputune")] == ["vcpusched"]
+    assert len(replaced.findall("cputune")) == 1 and len(kept.findall("cputune")) == 1
+    assert kept.findtext("cputune/shares") == "512", "a cputune the operator does not render is someone else's: kept"

@@ -136,6 +136,15 @@ def _cpu(spec: VMSpec, domain_type: str) -> etree._Element:
     )
 
 
+def _cputune(spec: VMSpec, settings: AgentSettings) -> etree._Element | None:
+    """The host's vCPU scheduling policy for this guest; nothing for libvirt's default."""
+    if settings.guest_vcpu_scheduler == "normal":
+        return None
+    vcpus = spec.cpu.vcpus
+    return _e("cputune", _e("vcpusched", vcpus="0" if vcpus == 1 else f"0-{vcpus - 1}",
+                            scheduler=settings.guest_vcpu_scheduler))
+
+
 def _os(spec: VMSpec, vm: VMRef, settings: AgentSettings) -> etree._Element:
     uefi = spec.firmware == "uefi"
     kernel = spec.kernel_boot
@@ -250,6 +259,7 @@ def render(
         _e("currentMemory", text=memory_kib, unit="KiB"),
         _e("vcpu", text=str(spec.cpu.vcpus), placement="static"),
         _cpu(spec, domain_type),
+        _cputune(spec, settings),
         _os(spec, vm, settings),
         _e("features", _e("acpi"), _e("apic")),
         _clock(),
@@ -389,7 +399,8 @@ def merge(live_xml: str, rendered_xml: str) -> str:
     live_devices = live.find("devices")
     if live_devices is not None:
         _carry_devices(live_devices, rendered.find("devices"))
-    rendered.extend([child for child in live if child.tag not in (*MODELLED_ELEMENTS, "metadata", "devices")])
+    replaced = {*MODELLED_ELEMENTS, "metadata", "devices", *(child.tag for child in rendered)}
+    rendered.extend([child for child in live if child.tag not in replaced])
     etree.indent(rendered, space="  ")
     return _to_xml(rendered)
 

@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+VCPU_SCHEDULERS = ("normal", "batch", "idle")
+"""Host policies for guest vCPU threads: `normal` is libvirt's default; `idle` (SCHED_IDLE) lets every
+other process on the host, libvirtd and QEMU starting new guests among them, run first."""
+
+
 DOMAIN_STATES = (
     "nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "pmsuspended",
 )
@@ -33,6 +38,7 @@ class AgentSettings:
     libvirt_uri: str = "qemu:///system"
     node_name: str = "localhost"
     domain_type: str = "qemu"
+    guest_vcpu_scheduler: str = "normal"
     allowed_roots: tuple[Path, ...] = (Path("/var/lib/libvirt"),)
     storage_pool: str = "default"
     storage_pool_path: Path = Path("/var/lib/libvirt/images")

@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from libvirt_operator.model import AgentSettings, Tuning
+from libvirt_operator.model import VCPU_SCHEDULERS, AgentSettings, Tuning
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=9090, help="port of the Prometheus /metrics endpoint; 0: off")
     parser.add_argument("--domain-type", choices=("kvm", "qemu"), default=defaults.domain_type,
                         help="domain type for VMs that do not set spec.domainType")
+    parser.add_argument("--guest-vcpu-scheduler", choices=VCPU_SCHEDULERS, default=defaults.guest_vcpu_scheduler,
+                        help="scheduling policy of guest vCPU threads in domains this agent defines: normal (libvirt's "
+                             "default), batch, or idle: guests get only the CPU the host's own processes leave, so "
+                             "libvirtd, this agent and starting guests never wait for running ones")
     parser.add_argument("--allowed-root", type=Path, action="append", dest="allowed_roots",
                         help="a directory VM paths may point into (repeatable; default /var/lib/libvirt)")
     parser.add_argument("--storage-pool", default=defaults.storage_pool,
@@ -47,6 +51,7 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
     defaults = AgentSettings()
     return AgentSettings(
         libvirt_uri=args.libvirt_uri, node_name=args.node_name, domain_type=args.domain_type,
+        guest_vcpu_scheduler=args.guest_vcpu_scheduler,
         allowed_roots=tuple(args.allowed_roots or defaults.allowed_roots), storage_pool=args.storage_pool,
         state_dir=args.state_dir, console_log_dir=args.console_log_dir,
     )
