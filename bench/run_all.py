@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,11 +28,12 @@ import restart  # noqa: E402
 import rollout  # noqa: E402
 import steady_state  # noqa: E402
 from common import Bench, Figure, bench_environment, log, remove_domains  # noqa: E402
+from libvirt_operator.testing.agent_process import AgentProcess  # noqa: E402
 
 SIZES = {
     # test-driver N, second (small) N, steady window s, QEMU guests, restart guests (min), reaction commands
     False: dict(n=1000, small=100, window=60, qemu=50, qemu_restart=10, reactions=50, listing=()),
-    True: dict(n=100, small=10, window=20, qemu=5, qemu_restart=3, reactions=5, listing=("--quick",)),
+    True: dict(n=60, small=6, window=12, qemu=5, qemu_restart=3, reactions=5, listing=("--quick",)),
 }
 STEADY_ARGS = ("--resync-seconds", str(steady_state.RESYNC_SECONDS), "--relist-seconds", str(steady_state.RESYNC_SECONDS))
 
@@ -54,8 +56,9 @@ def test_driver_scenarios(bench: Bench, size: dict, profile_dir: Path | None) ->
     bench.delete_all("bench-test-small")
     bench.add("cleanup-test", "delete_all_seconds", time.monotonic() - began, "s",
               f"{size['n'] + size['small']} VMs deleted, finalizers run")
-    agent_a.stop()
-    agent_b.stop()
+    with ThreadPoolExecutor() as pool:  # each waits for kopf's graceful shutdown
+        list(pool.map(AgentProcess.stop, (agent_a, agent_b)))
+    log("test-driver agents stopped")
 
 
 def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
