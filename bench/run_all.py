@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +27,6 @@ import restart  # noqa: E402
 import rollout  # noqa: E402
 import steady_state  # noqa: E402
 from common import Bench, Figure, bench_environment, log, remove_domains  # noqa: E402
-from libvirt_operator.testing.agent_process import AgentProcess  # noqa: E402
 
 SIZES = {
     # test-driver N, second (small) N, steady window s, QEMU guests, restart guests (min), reaction commands
@@ -56,9 +54,8 @@ def test_driver_scenarios(bench: Bench, size: dict, profile_dir: Path | None) ->
     bench.delete_all("bench-test-small")
     bench.add("cleanup-test", "delete_all_seconds", time.monotonic() - began, "s",
               f"{size['n'] + size['small']} VMs deleted, finalizers run")
-    with ThreadPoolExecutor() as pool:  # each waits for kopf's graceful shutdown
-        list(pool.map(AgentProcess.stop, (agent_a, agent_b)))
-    log("test-driver agents stopped")
+    agent_a.stop()
+    agent_b.stop()
 
 
 def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:

@@ -343,11 +343,6 @@ def _kib(memory: etree._Element) -> int:
     return int(int(memory.text or "0") * _UNITS_IN_KIB.get(memory.get("unit", "KiB"), 1))
 
 
-MODELLED_ELEMENTS = (
-    "name", "uuid", "memory", "currentMemory", "vcpu", "cpu", "os", "features", "clock",
-    "on_poweroff", "on_reboot", "on_crash",
-)
-"""Top-level elements `render` owns; every other top-level element of a live definition is kept."""
 MODELLED_DEVICES = ("disk", "interface", "serial", "console", "rng", "memballoon")
 """Devices `render` owns: live ones the rendering no longer has are dropped. Others (controllers,
 inputs, channels, ...) are kept unless the rendering has the same one."""
@@ -384,8 +379,8 @@ def _carry_devices(live: etree._Element, rendered: etree._Element) -> None:
 def merge(live_xml: str, rendered_xml: str) -> str:
     """`rendered_xml`, plus what of `live_xml` the operator does not model.
 
-    Carried over: top-level elements (`<seclabel>`, `<resource>`, ...), other programs'
-    metadata, unmodelled devices (controllers, channels, ...) and the addresses libvirt gave
+    Carried over: top-level elements the rendering does not have (`<seclabel>`, `<resource>`, a
+    `<cputune>` when the agent renders none, ...), other programs' metadata, unmodelled devices (controllers, channels, ...) and the addresses libvirt gave
     devices that are still there. Modelled elements and devices come from `rendered_xml` alone,
     so a disk removed from the spec disappears.
     """
@@ -399,8 +394,8 @@ def merge(live_xml: str, rendered_xml: str) -> str:
     live_devices = live.find("devices")
     if live_devices is not None:
         _carry_devices(live_devices, rendered.find("devices"))
-    replaced = {*MODELLED_ELEMENTS, "metadata", "devices", *(child.tag for child in rendered)}
-    rendered.extend([child for child in live if child.tag not in replaced])
+    rendered_tags = {child.tag for child in rendered}
+    rendered.extend([child for child in live if child.tag not in rendered_tags])
     etree.indent(rendered, space="  ")
     return _to_xml(rendered)
 
