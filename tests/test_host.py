@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import signal
+import subprocess
+import threading
+import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -533,3 +539,56 @@ def _owned_states(uri: str, prefix: str) -> dict[str, str]:
         }
     finally:
         conn.close()
+
+
+# --- events read by a worker thread --------------------------------------------------------------
+
+
+@pytest.mark.libvirt
+async def test_an_event_read_by_a_worker_blocked_in_a_call_reaches_the_listeners_at_once(
+    system_uri: str, system_prefix: str,
+) -> None:
+    """While a worker thread waits in a libvirt call, it is that thread which reads the events that
+    arrive meanwhile. They must reach the loop at once, not when the loop happens to wake up.
+
+    The call is held up for real: the suspend of a guest whose QEMU is SIGSTOPped waits for QEMU.
+    The other guest is suspended from a plain thread (as by another program) while the loop sleeps;
+    this Host's keepalive is slowed so that no libvirt timer wakes the loop meanwhile either.
+    """
+    host = Host(system_uri, keepalive_interval=600)
+    await host.start()
+    log = EventLog(host)
+    arrived: dict[str, float] = {}
+    host.subscribe(lambda e: arrived.setdefault(e.uuid, time.monotonic())
+                   if e.event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED else None)
+    held, observed = await define_owned(host, system_prefix, 2, "qemu")
+    stopped_pid: int | None = None
+    try:
+        for uuid in (held, observed):
+            await host.call(lambda conn, u: conn.lookupByUUIDString(u).create(), uuid)
+        held_name = await host.call(lambda conn, u: conn.lookupByUUIDString(u).name(), held)
+        stopped_pid = int(Path(f"/run/libvirt/qemu/{held_name}.pid").read_text())
+        os.kill(stopped_pid, signal.SIGSTOP)
+        blocked = asyncio.ensure_future(host.call(lambda conn, u: conn.lookupByUUIDString(u).suspend(), held))
+        await asyncio.sleep(0.5)
+        assert not blocked.done()
+        suspended: dict[str, float] = {}
+
+        def suspend_elsewhere() -> None:
+            subprocess.run(["virsh", "-c", system_uri, "suspend", observed], check=True, capture_output=True)
+            suspended["at"] = time.monotonic()
+
+        elsewhere_thread = threading.Thread(target=suspend_elsewhere)
+        elsewhere_thread.start()
+        await asyncio.sleep(3)
+        elsewhere_thread.join()
+        assert not blocked.done(), "the call did not stay blocked: the test proves nothing"
+        assert observed in arrived and arrived[observed] - suspended["at"] < 1.0
+        os.kill(stopped_pid, signal.SIGCONT)
+        stopped_pid = None
+        await blocked
+        await log.wait(lambda e: e.uuid == held and e.event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED)
+    finally:
+        if stopped_pid is not None:
+            os.kill(stopped_pid, signal.SIGCONT)
+        await host.stop()

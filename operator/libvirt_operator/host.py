@@ -2,7 +2,7 @@
 
 Every libvirt call runs in a worker thread through `Host.call`, which counts it, and turns a
 lost connection into `HostUnavailable` plus a background reconnect. Event callbacks run on the
-asyncio loop (libvirtaio) and only record what happened and tell the listeners.
+asyncio loop (libvirtaio, through `libvirt_events`) and only record what happened and tell the listeners.
 
 What the Host learns per domain (whether it is the operator's, the facts in its XML) is kept
 until an event for that domain or a reconnect makes it stale, so listing N owned domains costs
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import libvirt
-import libvirtaio
 from lxml import etree
 
 from libvirt_operator import METADATA_NAMESPACE, metadata
+from libvirt_operator.libvirt_events import bind_event_loop
 from libvirt_operator.model import DOMAIN_STATES, InterfaceFacts, OwnerMetadata
 
 log = logging.getLogger(__name__)
@@ -244,26 +244,6 @@ def _quiet(_ctx: object, _err: object) -> None:
     """libvirt's default handler prints every error; they reach us as exceptions anyway."""
 
 
-_event_impl_lock = threading.Lock()
-
-
-def _bind_event_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Registers libvirtaio on `loop` once per process (libvirt allows one event implementation).
-
-    A later loop takes over only once the earlier one is closed (as between `asyncio.run`s);
-    connections opened on the closed loop must have been closed with it.
-    """
-    with _event_impl_lock:
-        impl = libvirtaio.getCurrentImpl()
-        if impl is None:
-            libvirt.registerErrorHandler(_quiet, None)
-            impl = libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-        elif impl.loop is not loop and impl.loop.is_closed():
-            impl.loop = loop
-    if impl.loop is not loop:
-        raise RuntimeError("libvirt events are bound to another running asyncio loop: run every Host on one loop")
-
-
 def legacy_list_domains(conn: Any, flags: int = 0) -> list[Any]:
     """The pre-0.9.13 listing, O(N) calls and racy; only the active/inactive flag group applies."""
     group = flags & (libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE)
@@ -433,10 +413,12 @@ class _Memos:
 class Host:
     """One libvirt connection to `uri`, kept alive; see the module docstring."""
 
-    def __init__(self, uri: str, *, reconnect_min: float = 0.5, reconnect_max: float = 10.0, workers: int = 8) -> None:
+    def __init__(self, uri: str, *, reconnect_min: float = 0.5, reconnect_max: float = 10.0, workers: int = 8,
+                 keepalive_interval: int = KEEPALIVE_INTERVAL) -> None:
         self.uri = uri
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
+        self.keepalive_interval = keepalive_interval
         self.calls: collections.Counter[str] = collections.Counter()
         """Driver calls by API name."""
         self.domain_calls: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -473,7 +455,7 @@ class Host:
     async def start(self) -> None:
         """Opens the connection; when libvirtd does not answer yet, keeps trying in the background."""
         self._loop = asyncio.get_running_loop()
-        _bind_event_loop(self._loop)
+        bind_event_loop(self._loop, on_first=lambda: libvirt.registerErrorHandler(_quiet, None))
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="libvirt")
         try:
             await self._open()
@@ -583,7 +565,7 @@ class Host:
         conn = Counted(raw, self._count)
         try:
             with contextlib.suppress(libvirt.libvirtError):
-                conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+                conn.setKeepAlive(self.keepalive_interval, KEEPALIVE_COUNT)
             conn.registerCloseCallback(self._on_close, None)
             return raw, [conn.domainEventRegisterAny(None, event_id, self._callback(kind), None)
                          for event_id, kind in _DOMAIN_EVENTS.items()]
