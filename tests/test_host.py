@@ -357,7 +357,10 @@ async def test_snapshot_stats_never_ask_qemu_and_take_memory_and_vcpus_from_the_
 
 @pytest.mark.libvirt
 async def test_relisting_reads_xml_only_of_domains_an_event_touched(test_host: Host) -> None:
+    log = EventLog(test_host)
     uuids = await define_owned(test_host, PREFIX, 20, "test")
+    for uuid in uuids:  # a define's event arriving after the first read would rightly make its XML stale
+        await log.wait(lambda e, u=uuid: e.uuid == u and e.event == libvirt.VIR_DOMAIN_EVENT_DEFINED)
     first, _ = await counted(test_host, test_host.read_domains)
     assert first["XMLDesc"] >= 20
     again, _ = await counted(test_host, test_host.read_domains)
