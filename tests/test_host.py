@@ -562,8 +562,12 @@ async def test_an_event_read_by_a_worker_blocked_in_a_call_reaches_the_listeners
     await host.start()
     log = EventLog(host)
     arrived: dict[str, float] = {}
-    host.subscribe(lambda e: arrived.setdefault(e.uuid, time.monotonic())
-                   if e.event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED else None)
+
+    def note_suspended(event: HostEvent) -> None:
+        if event.event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
+            arrived.setdefault(event.uuid, time.monotonic())
+
+    host.subscribe(note_suspended)
     held, observed = await define_owned(host, system_prefix, 2, "qemu")
     stopped_pid: int | None = None
     try:

@@ -333,7 +333,7 @@ class LoopEvents:
             pass
 
 
-def _bind_event_loop(loop: asyncio.AbstractEventLoop, on_first: Callable[[], None] = lambda: None) -> LoopEvents:
+def _bind_event_loop(loop: asyncio.AbstractEventLoop) -> None:
     """Registers the event implementation on `loop` once per process (libvirt allows one).
 
     A later loop takes over only once the earlier one is closed (as between `asyncio.run`s);
@@ -342,14 +342,13 @@ def _bind_event_loop(loop: asyncio.AbstractEventLoop, on_first: Callable[[], Non
     global _event_impl
     with _event_impl_lock:
         if _event_impl is None:
-            on_first()
+            libvirt.registerErrorHandler(_quiet, None)
             _event_impl = LoopEvents(loop)
             _event_impl.register()
         elif _event_impl.loop is not loop and _event_impl.loop.is_closed():
             _event_impl.rebind(loop)
     if _event_impl.loop is not loop:
         raise RuntimeError("libvirt events are bound to another running asyncio loop: run every Host on one loop")
-    return _event_impl
 
 
 def legacy_list_domains(conn: Any, flags: int = 0) -> list[Any]:
@@ -563,7 +562,7 @@ class Host:
     async def start(self) -> None:
         """Opens the connection; when libvirtd does not answer yet, keeps trying in the background."""
         self._loop = asyncio.get_running_loop()
-        _bind_event_loop(self._loop, on_first=lambda: libvirt.registerErrorHandler(_quiet, None))
+        _bind_event_loop(self._loop)
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="libvirt")
         try:
             await self._open()
