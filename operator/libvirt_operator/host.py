@@ -1,8 +1,10 @@
-"""Host: one libvirt connection, its events, domain listing, bulk statistics and capacity.
+"""Host: the libvirt connection, its events, domain listing, bulk statistics and capacity.
 
 Every libvirt call runs in a worker thread through `Host.call`, which counts it, and turns a
 lost connection into `HostUnavailable` plus a background reconnect. Event callbacks run on the
 asyncio loop (libvirtaio, fed through `LoopEvents`) and only record what happened and tell the listeners.
+The Host's connection carries the events and the keepalive; each worker thread makes its calls on a
+connection of its own (`ThreadConnections`), so that no call waits behind another thread's.
 
 What the Host learns per domain (whether it is the operator's, the facts in its XML) is kept
 until an event for that domain or a reconnect makes it stale, so listing N owned domains costs
@@ -21,7 +23,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -333,6 +335,71 @@ class LoopEvents:
             pass
 
 
+class ThreadConnections:
+    """The connection each worker thread makes its calls on, opened on the thread's first call.
+
+    libvirt's client lets threads share a connection, but a call made while another thread's call
+    holds it can wait until that call ends: libvirt 9.0's `virNetClientIO` wakes the holding thread
+    with `g_main_loop_quit`, which is lost when the holder has unlocked the client and not yet
+    entered `g_main_loop_run`. A `suspend` issued right after a lookup, beside a QEMU start on the
+    same connection, waited for the whole start. A thread alone on its connection never waits so.
+
+    `close_all` (reconnect, stop) closes the idle connections at once and the busy ones when their
+    call returns (closing a connection under a running call would free it beneath that call); every
+    thread opens a new one on its next call.
+    """
+
+    def __init__(self, uri: str, opened: Callable[[], None]) -> None:
+        self.uri = uri
+        self._note_opened = opened
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._opened: set[libvirt.virConnect] = set()
+        self._busy: set[libvirt.virConnect] = set()
+        self._retired: set[libvirt.virConnect] = set()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[libvirt.virConnect]:
+        conn = self._own()
+        with self._lock:
+            self._busy.add(conn)
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                self._busy.discard(conn)
+                retired = conn in self._retired
+                self._retired.discard(conn)
+            if retired:
+                _close_quietly(conn)
+
+    def _own(self) -> libvirt.virConnect:
+        held = getattr(self._local, "held", None)
+        if held is not None and held[0] == self._generation:
+            return held[1]
+        self._note_opened()
+        conn = libvirt.open(self.uri)
+        with self._lock:
+            self._opened.add(conn)
+            self._local.held = (self._generation, conn)
+        return conn
+
+    def close_all(self) -> None:
+        with self._lock:
+            self._generation += 1
+            opened, self._opened = self._opened, set()
+            idle = opened - self._busy
+            self._retired |= opened & self._busy
+        for conn in idle:
+            _close_quietly(conn)
+
+
+def _close_quietly(conn: libvirt.virConnect) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
+
+
 def _bind_event_loop(loop: asyncio.AbstractEventLoop) -> None:
     """Registers the event implementation on `loop` once per process (libvirt allows one).
 
@@ -532,11 +599,15 @@ class Host:
         """Driver calls by (domain UUID, API name), for calls that concern one or a list of domains."""
         self.call_seconds: collections.Counter[str] = collections.Counter()
         """Seconds spent in driver calls, by API name."""
+        self.connections_opened = 0
+        """Connections opened: the Host's own (once per reconnect) and each worker thread's."""
         self._count_lock = threading.Lock()
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: libvirt.virConnect | None = None
+        """The Host's own connection: events, keepalive, the close callback; calls go to `_threads`."""
+        self._threads = ThreadConnections(uri, self._note_opened)
         self._callback_ids: list[int] = []
         self._listeners: list[Callable[[HostEvent], None]] = []
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -580,6 +651,7 @@ class Host:
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._run(self._discard, conn, self._callback_ids)
+        self._threads.close_all()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -596,13 +668,17 @@ class Host:
         if conn is None:
             raise HostUnavailable(f"{self.uri}: not connected")
         try:
-            result = await self._run(fn, Counted(conn, self._count), *(wrap(arg, self._count) for arg in args))
+            result = await self._run(self._in_worker, fn, args)
         except libvirt.libvirtError as err:
             if not connection_lost(err):
                 raise
             self._connection_lost(conn)
             raise HostUnavailable(f"{self.uri}: {err}") from err
         return unwrap(result)
+
+    def _in_worker(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self._threads.use() as conn:
+            return fn(Counted(conn, self._count), *(wrap(arg, self._count) for arg in args))
 
     async def list_domains(self, *, include_foreign: bool = False, flags: int = 0) -> list[ListedDomain]:
         """One listAllDomains call (`flags`: its VIR_CONNECT_LIST_DOMAINS_* groups; 0 is all).
@@ -615,12 +691,11 @@ class Host:
         return [domain for domain in listed if include_foreign or domain.owner is not None]
 
     async def all_domain_stats(
-        self, domains: Sequence[libvirt.virDomain] | None = None, *, include_foreign: bool = False,
-        groups: tuple[int, ...] = SNAPSHOT_STATS,
+        self, *, include_foreign: bool = False, groups: tuple[int, ...] = SNAPSHOT_STATS,
     ) -> dict[str, Stats]:
-        """Statistics by UUID in one call: every owned domain's, or those of `domains`."""
+        """Statistics by UUID of every owned domain (every domain with `include_foreign`), in one call."""
         mark = self._memos.seq
-        stats, learned = await self.call(self._stats_job, domains, include_foreign or domains is not None, groups)
+        stats, learned = await self.call(self._stats_job, include_foreign, groups)
         self._memos.learn(learned, mark)
         return stats
 
@@ -652,6 +727,10 @@ class Host:
             memory_used_bytes=1024 * sum(int(s.get("balloon.current", s.get("balloon.maximum", 0))) for s in active),
         )
 
+    def _note_opened(self) -> None:
+        with self._count_lock:
+            self.connections_opened += 1
+
     def _count(self, name: str, uuids: Sequence[str] = (), seconds: float = 0.0) -> None:
         with self._count_lock:
             self.calls[name] += 1
@@ -667,7 +746,7 @@ class Host:
         self._conn, self._callback_ids = await self._run(self._connect)
 
     def _connect(self) -> tuple[libvirt.virConnect, list[int]]:
-        self._count("open")
+        self._note_opened()
         raw = libvirt.open(self.uri)
         conn = Counted(raw, self._count)
         try:
@@ -728,6 +807,7 @@ class Host:
     async def _reconnect(self, dead: libvirt.virConnect | None) -> None:
         if dead is not None:
             await self._run(self._discard, dead, self._callback_ids)
+        self._threads.close_all()
         delay = self.reconnect_min
         while True:
             try:
@@ -792,9 +872,9 @@ class Host:
         return _domain_stats(conn, domains, usable[-1])
 
     def _stats_job(
-        self, conn: Counted, domains: Sequence[Any] | None, keep_all: bool, groups: tuple[int, ...],
+        self, conn: Counted, keep_all: bool, groups: tuple[int, ...],
     ) -> tuple[dict[str, Stats], _Learned]:
-        records = {dom.UUIDString(): (dom, stats) for dom, stats in self._stats(conn, domains, groups)}
+        records = {dom.UUIDString(): (dom, stats) for dom, stats in self._stats(conn, None, groups)}
         if keep_all:
             return {uuid: stats for uuid, (_, stats) in records.items()}, _Learned()
         owners, learned = self._owners((uuid, dom) for uuid, (dom, _) in records.items())

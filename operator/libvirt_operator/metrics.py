@@ -39,6 +39,9 @@ class AgentCollector:
                         agent.host.calls)
         yield _labelled(CounterMetricFamily, f"{PREFIX}_libvirt_call_seconds", "Time spent in libvirt calls, by API.",
                         ["api"], agent.host.call_seconds)
+        yield CounterMetricFamily(f"{PREFIX}_libvirt_connections_opened",
+                                  "libvirt connections opened: the agent's own and one per worker thread.",
+                                  value=agent.host.connections_opened)
         yield _labelled(CounterMetricFamily, f"{PREFIX}_kubernetes_writes", "Kubernetes writes made, by verb and resource.",
                         ["verb", "resource"], agent.kube.writes)
         states = Counter(snapshot.state for snapshot in agent.cache.snapshots().values())
