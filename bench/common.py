@@ -92,6 +92,27 @@ def host_cpu() -> tuple[float, float]:
     return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
 
 
+def cpu_by_command() -> Counter[str]:
+    """CPU seconds (utime+stime) of every live process, summed by command name (`comm`)."""
+    totals: Counter[str] = Counter()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, _, rest = stat.read_text().rpartition(")")
+        except OSError:  # the process exited meanwhile
+            continue
+        fields = rest.split()
+        totals[head.partition("(")[2]] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return totals
+
+
+def add_cpu_split(bench: Bench, scenario: str, before: Counter[str], seconds: float) -> None:
+    """Where the machine's CPU went since `before` (a `cpu_by_command()`), as one figure."""
+    used = diff(cpu_by_command(), before)
+    bench.add(scenario, "cpu_seconds_by_process", round(sum(used.values()), 1), "s",
+              ", ".join(f"{name}={value:.1f}" for name, value in used.most_common(6))
+              + f"; {seconds:.0f} s x {os.cpu_count()} cores = {seconds * (os.cpu_count() or 1):.0f} CPU-s available")
+
+
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
 
 

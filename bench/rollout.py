@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from common import (
-    GROUP, PLURAL, TEST_DRIVER_ARGS, TEST_DRIVER_URI, VERSION, AgentMetrics, Bench, agent_metrics, agent_writes, diff,
-    host_cpu, log, percentile, proc_usage, remove_domains,
+    GROUP, PLURAL, TEST_DRIVER_ARGS, TEST_DRIVER_URI, VERSION, AgentMetrics, Bench, add_cpu_split, agent_metrics,
+    agent_writes, cpu_by_command, diff, host_cpu, log, percentile, proc_usage, remove_domains,
 )
 from libvirt_operator.testing.agent_process import AgentProcess
 
@@ -80,7 +80,7 @@ def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_t
     log(f"{scenario}: {n} domains rendered, starting them")
     latencies: list[float] = [0.0] * n
     domains: list[Any] = []
-    host_before = host_cpu()
+    host_before, split_before = host_cpu(), cpu_by_command()
     began = time.monotonic()
 
     def define_and_start(i: int) -> None:
@@ -98,6 +98,7 @@ def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_t
         for thread in threads:
             thread.join()
         busy, cpu_total = (after - before for after, before in zip(host_cpu(), host_before))
+        add_cpu_split(bench, scenario, split_before, time.monotonic() - began)
     finally:
         with ThreadPoolExecutor(len(domains) or 1) as pool:  # a booting QEMU takes ~1.5 s to exit on SIGTERM
             list(pool.map(_destroy_and_undefine, domains))
@@ -123,11 +124,12 @@ def rollout(bench: Bench, scenario: str, agent: AgentProcess, namespace: str, na
     writes_before = bench.api_writes()
     metrics_before = agent_metrics(agent)
     _, cpu_before = proc_usage(agent.process.pid)
-    host_before = host_cpu()
+    host_before, split_before = host_cpu(), cpu_by_command()
     created = bench.create_paced(namespace, names, spec, interval=INTERVAL)
     ready = bench.watch.wait_ready(namespace, names, timeout=timeout)
     all_ready = time.time()
     host_after = host_cpu()
+    add_cpu_split(bench, scenario, split_before, all_ready - min(created.values()))
     bench.wait_quiet(quiet=2.0, timeout=120)  # writes still in flight for the last VMs (their events)
     writes = diff(agent_writes(bench.api_writes()), agent_writes(writes_before))
     metrics_after = agent_metrics(agent)

@@ -651,8 +651,8 @@ class Host:
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._run(self._discard, conn, self._callback_ids)
-        self._threads.close_all()
         if self._executor is not None:
+            await self._run(self._threads.close_all)
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -807,7 +807,7 @@ class Host:
     async def _reconnect(self, dead: libvirt.virConnect | None) -> None:
         if dead is not None:
             await self._run(self._discard, dead, self._callback_ids)
-        self._threads.close_all()
+        await self._run(self._threads.close_all)
         delay = self.reconnect_min
         while True:
             try:

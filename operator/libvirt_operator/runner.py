@@ -35,7 +35,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--console-log-dir", type=Path, default=defaults.console_log_dir,
                         help="where serial console logs go (spec.console.log)")
     parser.add_argument("--workers", type=int, default=tuning.workers,
-                        help="VMs reconciled at the same time (libvirtd's max_client_requests should allow it + 4)")
+                        help="VMs reconciled at the same time (libvirtd's max_workers should allow it + 4)")
     parser.add_argument("--resync-seconds", type=float, default=tuning.resync_seconds,
                         help="how often every VM is looked at again")
     parser.add_argument("--relist-seconds", type=float, default=60.0,

@@ -31,10 +31,9 @@ QEMU_SETTINGS = {
     "cgroup_controllers": "[ ]",
 }
 LIBVIRTD_CONF = Path("/etc/libvirt/libvirtd.conf")
-# libvirtd serves 5 calls per connection at a time by default: the agent's one connection would
-# queue every lookup behind 5 slow domain starts (see README, "Deploying on a cluster").
+# libvirtd runs 20 calls at a time by default, whoever sends them: 50 guests starting at once would
+# queue behind 20 (see README, "The host's libvirtd").
 LIBVIRTD_SETTINGS = {
-    "max_client_requests": "64",
     "max_workers": "64",
 }
 DEFAULT_POOL = "default"
