@@ -307,7 +307,10 @@ class _Run:
             if self.problem is None:
                 self.view = replace(self.view, status=decision.status)
                 agent.unwritten[self.ref.uid] = decision.status
-            snapshot = await agent.cache.refresh(self.ref.uid)
+            if any(action.touches_domain for action in decision.actions):
+                snapshot = await agent.cache.refresh(self.ref.uid)
+            else:
+                snapshot = agent.cache.get(self.ref.uid)
             decision = self._decide(snapshot)
         if self.problem is not None:
             decision = self._decide(snapshot)

@@ -93,6 +93,11 @@ class Action:
     event: Event | None = None
 
     @property
+    def touches_domain(self) -> bool:
+        """Changes the domain (the finalizer actions change only the VirtualMachine)."""
+        return self.kind not in ("add-finalizer", "remove-finalizer")
+
+    @property
     def slow(self) -> bool:
         """Takes long enough that the status should say so before it runs."""
         graceful_stop = self.kind == "stop" and self.grace_seconds > 0
