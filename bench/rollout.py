@@ -76,7 +76,7 @@ def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_t
                    name=f"c-{i:03d}")
         spec = parse_spec(guest_spec(image, node, marker=vm.name, domainType=domain_type))
         xmls.append(render(spec, vm, settings, generation=1, spec_hash="", disks=plan_disks(spec, vm, settings)))
-    conn = libvirt.open(uri)
+    connections = [libvirt.open(uri) for _ in range(n)]  # one each, as the agent's threads have (README)
     log(f"{scenario}: {n} domains rendered, starting them")
     latencies: list[float] = [0.0] * n
     domains: list[Any] = []
@@ -86,7 +86,7 @@ def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_t
     def define_and_start(i: int) -> None:
         due = began + i * INTERVAL
         time.sleep(max(0.0, due - time.monotonic()))
-        domain = conn.defineXML(xmls[i])
+        domain = connections[i].defineXML(xmls[i])
         domains.append(domain)
         domain.create()
         latencies[i] = time.monotonic() - due
@@ -102,7 +102,8 @@ def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_t
     finally:
         with ThreadPoolExecutor(len(domains) or 1) as pool:  # a booting QEMU takes ~1.5 s to exit on SIGTERM
             list(pool.map(_destroy_and_undefine, domains))
-        conn.close()
+        for conn in connections:
+            conn.close()
         remove_domains(CEILING_QEMU_PREFIX, uri)
     bench.add(scenario, "define_start_p50", percentile(latencies, 50), "s")
     bench.add(scenario, "define_start_p95", percentile(latencies, 95), "s",
