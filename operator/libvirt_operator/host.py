@@ -656,13 +656,15 @@ class Host:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs `fn(conn, *args)` in a worker thread with the live connection.
+        """Runs `fn(conn, *args)` in a worker thread, `conn` being that thread's own connection.
 
         `conn`, and every libvirt object among `args`, arrive as `Counted` proxies: each call
         made through them (and through the objects they return) is added to `calls`. Pass
         libvirt objects as arguments rather than closing over them, or their calls go uncounted.
-        libvirt objects in the result are handed back unwrapped. A lost connection raises
-        HostUnavailable and starts the reconnect; other errors raise `libvirt.libvirtError`.
+        libvirt objects in the result are handed back unwrapped; they stay bound to the connection
+        that made them (libvirt refuses to mix connections in one call, as `domainListGetStats`).
+        A lost connection raises HostUnavailable and starts the reconnect; other errors raise
+        `libvirt.libvirtError`.
         """
         conn = self._conn
         if conn is None:
