@@ -136,6 +136,7 @@ class AgentMetrics:
     kube_writes: Counter[tuple[str, str]] = field(default_factory=Counter)
     reconciles: float = 0
     queue_depth: float = 0
+    connections_opened: float = 0
     available: bool = False
 
     @property
@@ -158,6 +159,7 @@ def agent_metrics(agent: AgentProcess) -> AgentMetrics:
         metrics.kube_writes[(d["verb"], d["resource"])] += value
     metrics.reconciles = sum(parsed.get("libvirt_operator_reconciles_total", {}).values())
     metrics.queue_depth = sum(parsed.get("libvirt_operator_queue_depth", {}).values())
+    metrics.connections_opened = sum(parsed.get("libvirt_operator_libvirt_connections_opened_total", {}).values())
     return metrics
 
 

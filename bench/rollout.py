@@ -166,6 +166,9 @@ def _libvirt_figures(bench: Bench, scenario: str, before: AgentMetrics, after: A
     calls = diff(after.libvirt_calls, before.libvirt_calls)
     bench.add(scenario, "libvirt_calls_per_vm", sum(calls.values()) / n, "calls/VM",
               ", ".join(f"{api}={value / n:.2f}" for api, value in calls.most_common(8)))
+    bench.add(scenario, "libvirt_connections_opened", after.connections_opened - before.connections_opened,
+              "connections", f"{after.connections_opened:.0f} since the agent started: its own and one per libvirt "
+              "worker thread, opened on the thread's first call and kept")
     seconds = diff(after.libvirt_seconds, before.libvirt_seconds)
     bench.add(scenario, "libvirt_seconds_per_vm", sum(seconds.values()) / n, "s/VM",
               "time inside libvirt calls: " + ", ".join(f"{api}={value / n:.3f}" for api, value in seconds.most_common(4)))
