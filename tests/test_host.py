@@ -577,8 +577,8 @@ async def call_held_in_libvirt(host: Host, uuid: str) -> AsyncIterator[asyncio.F
 @pytest.mark.libvirt
 async def test_an_event_arrives_at_once_while_a_call_is_held_up_in_libvirt(system_uri: str, system_prefix: str) -> None:
     """Events that arrive while a call waits in libvirt must reach the loop at once, not when the
-    loop happens to wake up (a thread waiting in a call on the events' connection reads them, and
-    libvirt then calls the event implementation from that thread).
+    loop happens to wake up. (When calls shared the events' connection, the thread waiting in a call
+    read them and libvirt called the event implementation from that thread: see `LoopEvents`.)
 
     The other guest is suspended from a plain thread (as by another program) while the loop sleeps;
     this Host's keepalive is slowed so that no libvirt timer wakes the loop meanwhile either.
