@@ -32,7 +32,7 @@ import kubernetes  # noqa: E402
 from kubernetes import watch as kwatch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
-from e2e import write_counts  # noqa: E402
+from e2e import VM_RESOURCES, write_counts  # noqa: E402
 from libvirt_operator.testing.agent_process import AgentProcess  # noqa: E402
 from libvirt_operator.testing.controlplane import ControlPlane  # noqa: E402
 
@@ -41,7 +41,6 @@ TEST_DRIVER_URI = "test:///default"
 TEST_DRIVER_ARGS = ("--storage-pool", "default-pool")
 # What the agent writes; the API server's own writes (leases, ...) and the bench's creations are not counted.
 AGENT_RESOURCES = ("virtualmachines", "virtualmachines/status", "events", "libvirtnodes", "libvirtnodes/status")
-VM_RESOURCES = ("virtualmachines", "virtualmachines/status", "events")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

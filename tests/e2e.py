@@ -67,6 +67,10 @@ def event_reasons(kubectl: Kubectl, name: str, namespace: str) -> Counter[str]:
     return Counter(event["reason"] for event in events_for(kubectl, name, namespace))
 
 
+VM_RESOURCES = ("virtualmachines", "virtualmachines/status", "events")
+"""What the operator writes about a VM (its LibvirtNode heartbeats are per node, not per VM)."""
+
+
 def write_counts(metrics_text: str) -> Counter[tuple[str, str]]:
     """apiserver_request_total for writes, by (verb, resource[/subresource])."""
     counts: Counter[tuple[str, str]] = Counter()

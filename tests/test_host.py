@@ -545,7 +545,7 @@ def _owned_states(uri: str, prefix: str) -> dict[str, str]:
         conn.close()
 
 
-# --- events read by a worker thread --------------------------------------------------------------
+# --- while a call is held up inside libvirt ----------------------------------------------------
 
 
 def _suspend_on(conn: Any, uuid: str) -> libvirt.virConnect:

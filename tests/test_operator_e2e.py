@@ -19,7 +19,8 @@ from libvirt_operator.testing.agent_process import AgentProcess
 from libvirt_operator.testing.controlplane import ControlPlane
 from libvirt_operator.testing.libvirt_env import GuestImage
 from e2e import (
-    Kubectl, install_crds, event_reasons, get_vm, guest_spec, virsh, vm_manifest, wait_until, wait_vm, write_counts,
+    VM_RESOURCES, Kubectl, install_crds, event_reasons, get_vm, guest_spec, virsh, vm_manifest, wait_until, wait_vm,
+    write_counts,
 )
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +92,7 @@ def test_apply_then_ready_with_columns_and_few_writes(agent: AgentProcess, contr
     # API server's own lease (renewed every 10 s) and the agent's LibvirtNode heartbeat (per node,
     # every 20 s and at its start, whatever the VMs).
     ours = {key: after[key] - before[key] for key in after if after[key] != before[key]
-            and key[1] in ("virtualmachines", "virtualmachines/status", "events")
+            and key[1] in VM_RESOURCES
             and key != ("POST", "virtualmachines")}
     print(f"apply -> Ready in {seconds:.1f}s; operator writes: {ours}")
     assert sum(ours.values()) <= 3, ours

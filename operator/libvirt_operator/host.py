@@ -261,6 +261,10 @@ class LoopEvents:
     loop's next wake-up, so a `virsh suspend` beside a guest being started reached the agent when
     that start returned, about a second late.
 
+    Calls no longer share the events' connection (`ThreadConnections`), but every worker thread still
+    calls the implementation around each of its calls: the loop watches its connection's socket between
+    calls, and the thread takes it away while it reads.
+
     Here each call is queued to the loop (`call_soon_threadsafe`) in the order libvirt made it, and
     runs there through libvirtaio unchanged. libvirt gets ids of this class's own, since an id must
     be returned before the queued call has run.
@@ -354,43 +358,42 @@ class ThreadConnections:
         self._note_opened = opened
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._generation = 0
         self._opened: set[libvirt.virConnect] = set()
+        """The connections in service; one closed by `close_all` is no longer among them."""
         self._busy: set[libvirt.virConnect] = set()
-        self._retired: set[libvirt.virConnect] = set()
 
     @contextlib.contextmanager
     def use(self) -> Iterator[libvirt.virConnect]:
-        conn = self._own()
-        with self._lock:
-            self._busy.add(conn)
+        conn = self._claim()
         try:
             yield conn
         finally:
             with self._lock:
                 self._busy.discard(conn)
-                retired = conn in self._retired
-                self._retired.discard(conn)
+                retired = conn not in self._opened
             if retired:
                 _close_quietly(conn)
 
-    def _own(self) -> libvirt.virConnect:
-        held = getattr(self._local, "held", None)
-        if held is not None and held[0] == self._generation:
-            return held[1]
+    def _claim(self) -> libvirt.virConnect:
+        """This thread's connection, marked busy (in one step, so `close_all` cannot close it meanwhile);
+        a new one when the thread has none or its own was closed."""
+        with self._lock:
+            conn = getattr(self._local, "conn", None)
+            if conn in self._opened:
+                self._busy.add(conn)
+                return conn
         self._note_opened()
         conn = libvirt.open(self.uri)
         with self._lock:
             self._opened.add(conn)
-            self._local.held = (self._generation, conn)
+            self._busy.add(conn)
+        self._local.conn = conn
         return conn
 
     def close_all(self) -> None:
         with self._lock:
-            self._generation += 1
             opened, self._opened = self._opened, set()
             idle = opened - self._busy
-            self._retired |= opened & self._busy
         for conn in idle:
             _close_quietly(conn)
 
