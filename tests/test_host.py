@@ -454,6 +454,52 @@ async def test_cache_follows_200_domains_acted_on_concurrently(test_host: Host) 
         await cache.stop()
 
 
+def _calls_about(host: Host, uuid: str) -> collections.Counter[str]:
+    return collections.Counter({name: count for (about, name), count in host.domain_calls.items() if about == uuid})
+
+
+@pytest.mark.libvirt
+async def test_no_read_of_a_domain_starts_while_reads_of_it_are_held(test_host: Host) -> None:
+    """The agent's own calls on a domain run with its reads held (`DomainCache.reads_held`): a
+    call about a starting domain waits inside libvirtd holding the lock every define needs.
+
+    Events that come meanwhile are read once, after; a `refresh` inside the hold covers those before
+    it; `wait_for_change` inside the hold lets the reads it waits for run.
+    """
+    held, refreshed, waited = await define_owned(test_host, PREFIX, 3, "test")
+    cache = DomainCache(test_host, relist_interval=3600)
+    await cache.start()
+    try:
+        dom = await _lookup(test_host, held)
+        before = _calls_about(test_host, held)
+        async with cache.reads_held(held):
+            await test_host.call(_act, dom, "create")
+            await asyncio.sleep(0.3)  # the Started event arrives meanwhile
+            assert _calls_about(test_host, held) - before == collections.Counter({"create": 1})
+            assert cache.get(held).state == "shutoff"
+        await cache.settle()
+        assert cache.get(held).state == "running"
+
+        dom = await _lookup(test_host, refreshed)
+        async with cache.reads_held(refreshed):
+            await test_host.call(_act, dom, "create")
+            await asyncio.sleep(0.3)
+            assert (await cache.refresh(refreshed)).state == "running"
+            after_refresh = _calls_about(test_host, refreshed)
+        await asyncio.sleep(0.3)
+        await cache.settle()
+        assert _calls_about(test_host, refreshed) == after_refresh, "the refresh already read what the event said"
+
+        dom = await _lookup(test_host, waited)
+        async with cache.reads_held(waited):
+            revision = cache.get(waited).revision
+            await test_host.call(_act, dom, "create")
+            changed = await cache.wait_for_change(waited, revision, timeout=10)
+            assert changed is not None and changed.state == "running"
+    finally:
+        await cache.stop()
+
+
 @pytest.mark.unit
 async def test_cache_drops_snapshots_older_than_what_it_holds() -> None:
     cache = DomainCache(Host("test:///default"))

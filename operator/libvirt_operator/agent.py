@@ -301,16 +301,18 @@ class _Run:
                 break
             if any(action.slow for action in decision.actions):
                 await self._announce(decision.status)
-            finished = await self._act(decision.actions, snapshot)
+            if any(action.touches_domain for action in decision.actions):
+                async with agent.cache.reads_held(self.ref.uid):
+                    finished = await self._act(decision.actions, snapshot)
+                    snapshot = await agent.cache.refresh(self.ref.uid) if finished else None
+            else:
+                finished = await self._act(decision.actions, snapshot)
+                snapshot = agent.cache.get(self.ref.uid)
             if not finished:
                 return
             if self.problem is None:
                 self.view = replace(self.view, status=decision.status)
                 agent.unwritten[self.ref.uid] = decision.status
-            if any(action.touches_domain for action in decision.actions):
-                snapshot = await agent.cache.refresh(self.ref.uid)
-            else:
-                snapshot = agent.cache.get(self.ref.uid)
             decision = self._decide(snapshot)
         if self.problem is not None:
             decision = self._decide(snapshot)
