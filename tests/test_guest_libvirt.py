@@ -21,7 +21,8 @@ import pytest
 from lxml import etree
 
 from libvirt_operator import guest
-from libvirt_operator.model import AgentSettings, VMRef
+from libvirt_operator.host import Counted
+from libvirt_operator.model import AgentSettings, OwnerMetadata, VMRef
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
 from libvirt_operator.testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH, GuestImage
 from test_foundation_libvirt import wait_for_line
@@ -273,6 +274,24 @@ def test_lifecycle_helpers_tolerate_the_state_they_ask_for(test_conn: libvirt.vi
         libvirt.VIR_DOMAIN_SHUTOFF] * 3
     guest.undefine(test_conn, dom)
     assert uid not in {d.UUIDString() for d in test_conn.listAllDomains()}
+
+
+def test_a_new_domain_is_defined_and_started_in_four_calls_and_a_start_by_someone_else_counts(
+    conn: libvirt.virConnect, vm: VMRef, settings: AgentSettings,
+) -> None:
+    """The agent's job for a new VM: two lookups that find no domain (its own, a namesake), the
+    define, the create; no lookup or state query of the domain it just defined. When someone else
+    started the domain in between, libvirt's "already running" counts as started."""
+    calls: list[str] = []
+    counted = Counted(conn, lambda name, uuids=(), seconds=0.0: calls.append(name))
+    raw = {"domainType": "qemu", "memory": "64Mi"}  # no OS: SeaBIOS finds nothing to boot and idles
+    owner = OwnerMetadata(uid=vm.uid, namespace=vm.namespace, name=vm.name, generation=1, spec_hash=spec_hash(raw))
+    guest.apply_definition_and_start(counted, parse_spec(raw), vm, settings, owner, {}.get, False)
+    assert calls == ["lookupByUUIDString", "lookupByName", "defineXMLFlags", "create"]
+    assert conn.lookupByUUIDString(vm.uid).isActive()
+
+    guest.apply_definition_and_start(counted, parse_spec(raw), vm, settings, owner, {}.get, False)
+    assert conn.lookupByUUIDString(vm.uid).isActive()
 
 
 def test_a_qemu_guest_boots_from_a_cloned_disk_with_a_cloud_init_seed(

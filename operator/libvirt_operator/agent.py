@@ -286,6 +286,7 @@ class _Run:
         )
         self.problem: reconcile.Problem | None = None
         self.spec: VMSpec | None = None
+        self.action_events: list[reconcile.Event] = []
         if not self.view.deleting:
             try:
                 self.spec = parse_spec(self.spec_dict)
@@ -293,6 +294,21 @@ class _Run:
                 self.problem = _stalled(error)
 
     async def converge(self) -> None:
+        """Acts until the domain is as the spec asks, writes the status, then posts the actions' Events
+        (after the status: Ready is what a user waits for; an Event's POST would only delay it)."""
+        try:
+            decision = await self._act_until_done()
+            if decision is not None:
+                await self.agent.write_status(self.body, decision.status)
+        finally:
+            await self._post_action_events()
+        if decision is not None:
+            for event in decision.events:
+                await self.agent.kube.post_event(self.body, event.type, event.reason, event.message)
+            self._schedule(decision)
+
+    async def _act_until_done(self) -> reconcile.Decision | None:
+        """The decision with nothing left to do (or a problem); None when the VM is gone."""
         agent = self.agent
         snapshot = agent.cache.get(self.ref.uid)
         decision = self._decide(snapshot)
@@ -309,17 +325,19 @@ class _Run:
                 finished = await self._act(decision.actions, snapshot)
                 snapshot = agent.cache.get(self.ref.uid)
             if not finished:
-                return
+                return None
             if self.problem is None:
                 self.view = replace(self.view, status=decision.status)
                 agent.unwritten[self.ref.uid] = decision.status
             decision = self._decide(snapshot)
         if self.problem is not None:
             decision = self._decide(snapshot)
-        await agent.write_status(self.body, decision.status)
-        for event in decision.events:
-            await agent.kube.post_event(self.body, event.type, event.reason, event.message)
-        self._schedule(decision)
+        return decision
+
+    async def _post_action_events(self) -> None:
+        events, self.action_events = self.action_events, []
+        for event in events:
+            await self.agent.kube.post_event(self.body, event.type, event.reason, event.message)
 
     async def _announce(self, status: dict[str, Any]) -> None:
         """Says what a slow action is about to do; an API server that cannot hear it must not hold the action up."""
@@ -344,36 +362,40 @@ class _Run:
 
     async def _act(self, actions: tuple[reconcile.Action, ...], snapshot: DomainSnapshot | None) -> bool:
         """Runs the actions in order; False when the VM is gone (finalizer released)."""
-        for action in actions:
+        for step in _steps(actions):
+            first = step[0]
+            if first.kind == "remove-finalizer":
+                await self._post_action_events()  # while the VM still exists
             try:
-                await self._execute(action, snapshot)
+                await self._execute(step, snapshot)
             except SpecError as error:
                 self.problem = _stalled(error)
             except HostUnavailable as error:
                 self.problem = reconcile.Problem("LibvirtUnavailable", f"libvirt does not answer: {error}", stalled=False)
             except guest.LIBVIRT_ERROR as error:
-                self.problem = reconcile.Problem("LibvirtError", f"{action.kind} failed: {error}", stalled=False)
+                what = " and ".join(action.kind for action in step)
+                self.problem = reconcile.Problem("LibvirtError", f"{what} failed: {error}", stalled=False)
             if self.problem is not None:
-                await self._report_failure(action)
+                self._report_failure()
                 return True
-            if action.event is not None:
-                await self.agent.kube.post_event(self.body, action.event.type, action.event.reason, action.event.message)
-            if action.kind == "remove-finalizer":
+            self.action_events.extend(action.event for action in step if action.event is not None)
+            if first.kind == "remove-finalizer":
                 return False
         return True
 
-    async def _report_failure(self, action: reconcile.Action) -> None:
+    def _report_failure(self) -> None:
         previous = next((c for c in self.view.status.get("conditions", []) if c.get("type") == "Ready"), {})
         if previous.get("message") != self.problem.message:
-            await self.agent.kube.post_event(self.body, "Warning", "Failed", self.problem.message)
+            self.action_events.append(reconcile.Event("Warning", "Failed", self.problem.message))
 
-    async def _execute(self, action: reconcile.Action, snapshot: DomainSnapshot | None) -> None:
+    async def _execute(self, step: tuple[reconcile.Action, ...], snapshot: DomainSnapshot | None) -> None:
         host, uid = self.agent.host, self.ref.uid
+        action = step[0]
         kind = action.kind
         if kind in ("add-finalizer", "remove-finalizer"):
             await self._set_finalizer(present=kind == "add-finalizer")
         elif kind == "define":
-            await self._define()
+            await self._define(then_start=step[1] if len(step) > 1 else None)
         elif kind == "start":
             await host.call(guest.start, uid, action.start_paused)
         elif kind == "stop":
@@ -395,13 +417,16 @@ class _Run:
         self.agent.bodies[self.ref.uid] = updated
         self.view = replace(self.view, has_finalizer=present)
 
-    async def _define(self) -> None:
+    async def _define(self, then_start: reconcile.Action | None = None) -> None:
         assert self.spec is not None
         secrets = await self._user_data()
         owner = OwnerMetadata(uid=self.ref.uid, namespace=self.ref.namespace, name=self.ref.name,
                               generation=self.view.generation, spec_hash=self.view.spec_hash)
-        await self.agent.host.call(guest.apply_definition, self.spec, self.ref, self.agent.settings,
-                                   owner, secrets.get)
+        args = (self.spec, self.ref, self.agent.settings, owner, secrets.get)
+        if then_start is None:
+            await self.agent.host.call(guest.apply_definition, *args)
+        else:
+            await self.agent.host.call(guest.apply_definition_and_start, *args, then_start.start_paused)
         self.agent.host.remember_owner(self.ref.uid, owner)
 
     async def _user_data(self) -> dict[str, str]:
@@ -432,6 +457,18 @@ class _Run:
             if current is None or not current.active:
                 return
         await host.call(guest.destroy, uid)
+
+
+def _steps(actions: tuple[reconcile.Action, ...]) -> list[tuple[reconcile.Action, ...]]:
+    """One step per action, except that a define and the start after it are one libvirt job:
+    the domain just defined is started without being looked up again."""
+    steps: list[tuple[reconcile.Action, ...]] = []
+    for action in actions:
+        if action.kind == "start" and steps and len(steps[-1]) == 1 and steps[-1][0].kind == "define":
+            steps[-1] = (steps[-1][0], action)
+        else:
+            steps.append((action,))
+    return steps
 
 
 def _stalled(error: SpecError) -> reconcile.Problem:

@@ -721,6 +721,14 @@ def provision_and_define(
 
     If anything fails, the volumes this call created are deleted again.
     """
+    return _provision_and_define(conn, spec, vm, settings, generation=generation, spec_hash=spec_hash,
+                                 user_data_lookup=user_data_lookup, existing_xml=existing_xml)[0]
+
+
+def _provision_and_define(
+    conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings, *, generation: int, spec_hash: str,
+    user_data_lookup: UserDataLookup, existing_xml: str | None,
+) -> tuple[str, libvirt.virDomain]:
     spec = confine_spec(spec, settings.allowed_roots)
     refuse_other_vms_disks(spec, vm.uid)
     _check_kernel_boot(spec)
@@ -731,12 +739,12 @@ def provision_and_define(
         if existing_xml is not None:
             xml = merge(existing_xml, xml)
         _prepare_host_dirs(spec, settings)
-        define(conn, xml)
-    return xml
+        dom = define(conn, xml)
+    return xml, dom
 
 
 def apply_definition(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings,
-                     owner: OwnerMetadata, user_data_lookup: UserDataLookup) -> str:
+                     owner: OwnerMetadata, user_data_lookup: UserDataLookup) -> libvirt.virDomain:
     """Defines the domain for `owner`'s generation, merged into the existing definition if there is one."""
     existing = _lookup(lambda: conn.lookupByUUIDString(vm.uid), libvirt.VIR_ERR_NO_DOMAIN)
     namesake = _lookup(lambda: conn.lookupByName(vm.domain_name), libvirt.VIR_ERR_NO_DOMAIN)
@@ -744,8 +752,14 @@ def apply_definition(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings
         raise SpecError("metadata.name", f"another domain named {vm.domain_name} (uuid {namesake.UUIDString()}) "
                         "already exists on this node; remove it or rename the VirtualMachine")
     existing_xml = existing.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if existing is not None else None
-    return provision_and_define(conn, spec, vm, settings, generation=owner.generation, spec_hash=owner.spec_hash,
-                                user_data_lookup=user_data_lookup, existing_xml=existing_xml)
+    return _provision_and_define(conn, spec, vm, settings, generation=owner.generation, spec_hash=owner.spec_hash,
+                                 user_data_lookup=user_data_lookup, existing_xml=existing_xml)[1]
+
+
+def apply_definition_and_start(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings,
+                               owner: OwnerMetadata, user_data_lookup: UserDataLookup, paused: bool) -> None:
+    """`apply_definition`, then the start of the domain it defined, which the caller saw off (no lookup, no state query)."""
+    start_domain(apply_definition(conn, spec, vm, settings, owner, user_data_lookup), paused, seen_off=True)
 
 
 def undefine_and_delete(conn: libvirt.virConnect, uuid: str, settings: AgentSettings) -> list[str]:
@@ -778,12 +792,20 @@ def _paused(dom: libvirt.virDomain) -> bool:
 
 
 def start(conn: libvirt.virConnect, uuid: str, paused: bool = False) -> None:
-    """Starts the domain, paused if asked (start-then-suspend where the driver cannot start paused)."""
-    dom = _domain(conn, uuid)
+    start_domain(_domain(conn, uuid), paused)
+
+
+def start_domain(dom: libvirt.virDomain, paused: bool = False, *, seen_off: bool = False) -> None:
+    """Starts the domain, paused if asked (start-then-suspend where the driver cannot start paused).
+
+    `seen_off`: the caller saw it off just now, so it is not asked again (a domain started meanwhile
+    by someone else makes libvirt answer "already running", which counts as done).
+    """
+    active = False if seen_off else dom.isActive()
     if not paused:
-        _unless_already(dom.isActive(), dom.create)
+        _unless_already(active, dom.create)
         return
-    _unless_already(dom.isActive(), lambda: _with_flags(dom.createWithFlags, (libvirt.VIR_DOMAIN_START_PAUSED, 0)))
+    _unless_already(active, lambda: _with_flags(dom.createWithFlags, (libvirt.VIR_DOMAIN_START_PAUSED, 0)))
     _unless_already(_paused(dom), dom.suspend)
 
 
