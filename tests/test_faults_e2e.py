@@ -88,9 +88,12 @@ def test_agent_killed_while_creating_vms(agent: AgentProcess, control_plane: Con
     apply_many(kubectl, guest_image, names)
     wait_until(lambda: len(domains()) >= 10, timeout=60, every=0.05, what="some domains defined")
     agent.kill()
-    agent.start()
     began = time.monotonic()
-    assert_invariant(kubectl, timeout=300)  # 50 TCG guests booting saturate both cores for about a minute
+    # 50 TCG guests booting saturate both cores for about a minute: the new process's imports and
+    # start-up then get a small share of the CPU and can take longer than AgentProcess's default 60 s.
+    agent.start(timeout=240)
+    print(f"kill -9 mid-rollout: healthy {time.monotonic() - began:.1f}s after the kill")
+    assert_invariant(kubectl, timeout=300)
     print(f"kill -9 mid-rollout: converged {time.monotonic() - began:.1f}s after restart")
     for vm in vms(kubectl):
         assert vm["status"]["restartCount"] == 0

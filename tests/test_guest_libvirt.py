@@ -290,8 +290,22 @@ def test_a_new_domain_is_defined_and_started_in_four_calls_and_a_start_by_someon
     assert calls == ["lookupByUUIDString", "lookupByName", "defineXMLFlags", "create"]
     assert conn.lookupByUUIDString(vm.uid).isActive()
 
-    guest.apply_definition_and_start(counted, parse_spec(raw), vm, settings, owner, {}.get, False)
+    assert guest.apply_definition_and_start(counted, parse_spec(raw), vm, settings, owner, {}.get, False) is None
     assert conn.lookupByUUIDString(vm.uid).isActive()
+
+
+def test_a_start_that_fails_after_its_define_is_returned_and_the_definition_stands(
+    conn: libvirt.virConnect, vm: VMRef, settings: AgentSettings, tmp_path: Path,
+) -> None:
+    """QEMU refuses a kernel that is not one: the define succeeded, so the caller must learn both."""
+    not_a_kernel = tmp_path / "vmlinuz"
+    not_a_kernel.write_bytes(b"not a kernel\n" * 64)
+    raw = {"domainType": "qemu", "memory": "64Mi", "kernelBoot": {"kernel": str(not_a_kernel)}}
+    owner = OwnerMetadata(uid=vm.uid, namespace=vm.namespace, name=vm.name, generation=1, spec_hash=spec_hash(raw))
+    error = guest.apply_definition_and_start(conn, parse_spec(raw), vm, settings, owner, {}.get, False)
+    assert isinstance(error, libvirt.libvirtError)
+    dom = conn.lookupByUUIDString(vm.uid)
+    assert dom.isPersistent() and not dom.isActive()
 
 
 def test_a_qemu_guest_boots_from_a_cloned_disk_with_a_cloud_init_seed(

@@ -64,20 +64,28 @@ class Agent:
         self.reconciles = 0
         self.reconcile_seconds = 0.0
         self.started = time.monotonic()
+        self.listed = False
+        """Whether the first listing of the domains is done (and VMs are being reconciled)."""
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Connects to libvirt and returns; the first listing of the domains, then the reconciles, follow
+        in the background. That listing waits for every domain libvirtd is still starting (a killed
+        agent's rollout: a minute or more on a busy host), and the liveness probe must answer meanwhile."""
         await self.host.start()
-        await self.cache.start()
-        self.cache.subscribe(self._domain_changed)
-        self._tasks = [asyncio.create_task(self.queue.serve(self.reconcile_safely))
-                       for _ in range(self.tuning.workers)]
-        # The first heartbeat runs beside the reconciles: reading capacity asks every guest's QEMU,
+        # The first heartbeat runs beside the rest: reading capacity asks every guest's QEMU,
         # which takes seconds when the guests keep the CPUs busy, and VMs need none of it.
-        self._tasks += [asyncio.create_task(self._every(self.tuning.resync_seconds, self.resync)),
-                        asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.heartbeat, at_once=True))]
+        self._tasks = [asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.heartbeat, at_once=True)),
+                       asyncio.create_task(self._reconcile_once_listed())]
+
+    async def _reconcile_once_listed(self) -> None:
+        await self.cache.start()
+        self.listed = True
+        self.cache.subscribe(self._domain_changed)
+        self._tasks += [asyncio.create_task(self.queue.serve(self.reconcile_safely)) for _ in range(self.tuning.workers)]
+        self._tasks.append(asyncio.create_task(self._every(self.tuning.resync_seconds, self.resync)))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -296,6 +304,7 @@ class _Run:
     async def converge(self) -> None:
         """Acts until the domain is as the spec asks, writes the status, then posts the actions' Events
         (after the status: Ready is what a user waits for; an Event's POST would only delay it)."""
+        decision: reconcile.Decision | None = None
         try:
             decision = await self._act_until_done()
             if decision is not None:
@@ -425,9 +434,12 @@ class _Run:
         args = (self.spec, self.ref, self.agent.settings, owner, secrets.get)
         if then_start is None:
             await self.agent.host.call(guest.apply_definition, *args)
-        else:
-            await self.agent.host.call(guest.apply_definition_and_start, *args, then_start.start_paused)
+            self.agent.host.remember_owner(self.ref.uid, owner)
+            return
+        start_error = await self.agent.host.call(guest.apply_definition_and_start, *args, then_start.start_paused)
         self.agent.host.remember_owner(self.ref.uid, owner)
+        if start_error is not None:
+            raise start_error
 
     async def _user_data(self) -> dict[str, str]:
         """The Secrets the spec's cloudInit disks name, read with `get` only."""

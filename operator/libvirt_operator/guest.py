@@ -757,9 +757,16 @@ def apply_definition(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings
 
 
 def apply_definition_and_start(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings,
-                               owner: OwnerMetadata, user_data_lookup: UserDataLookup, paused: bool) -> None:
-    """`apply_definition`, then the start of the domain it defined, which the caller saw off (no lookup, no state query)."""
-    start_domain(apply_definition(conn, spec, vm, settings, owner, user_data_lookup), paused, seen_off=True)
+                               owner: OwnerMetadata, user_data_lookup: UserDataLookup,
+                               paused: bool) -> libvirt.libvirtError | None:
+    """`apply_definition`, then the start of the domain it defined, which the caller saw off (no lookup,
+    no state query). The start's error is returned, not raised: the definition stands either way."""
+    dom = apply_definition(conn, spec, vm, settings, owner, user_data_lookup)
+    try:
+        start_domain(dom, paused, seen_off=True)
+    except libvirt.libvirtError as error:
+        return error
+    return None
 
 
 def undefine_and_delete(conn: libvirt.virConnect, uuid: str, settings: AgentSettings) -> list[str]:

@@ -51,7 +51,8 @@ def build_registry(make_agent: Callable[[], Agent]) -> kopf.OperatorRegistry:
     @kopf.on.probe(id="agent", registry=registry)
     def agent_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
         agent: Agent = memo.agent
-        return {"libvirtConnected": agent.host.connected, "queued": len(agent.queue), "vms": len(agent.bodies)}
+        return {"libvirtConnected": agent.host.connected, "domainsListed": agent.listed, "queued": len(agent.queue),
+                "vms": len(agent.bodies)}
 
     return registry
 
