@@ -325,7 +325,7 @@ def test_a_qemu_guest_boots_from_a_cloned_disk_with_a_cloud_init_seed(
     }
     xml = guest.provision_and_define(conn, parse_spec(raw), vm, settings, generation=1, spec_hash=spec_hash(raw),
                                      user_data_lookup={"ud": f"#cloud-config lvo-{marker}\nusers: []\n"}.get,
-                                     existing_xml=None)
+                                     existing_xml=None).xml
     assert guest.parse_domain(xml).owner.uid == vm.uid
     guest.start(conn, vm.uid)
     log = guest.console_log_path(vm, settings)

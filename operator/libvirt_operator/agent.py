@@ -431,13 +431,13 @@ class _Run:
         secrets = await self._user_data()
         owner = OwnerMetadata(uid=self.ref.uid, namespace=self.ref.namespace, name=self.ref.name,
                               generation=self.view.generation, spec_hash=self.view.spec_hash)
-        args = (self.spec, self.ref, self.agent.settings, owner, secrets.get)
+        host, args = self.agent.host, (self.spec, self.ref, self.agent.settings, owner, secrets.get)
+        start_error = None
         if then_start is None:
-            await self.agent.host.call(guest.apply_definition, *args)
-            self.agent.host.remember_owner(self.ref.uid, owner)
-            return
-        start_error = await self.agent.host.call(guest.apply_definition_and_start, *args, then_start.start_paused)
-        self.agent.host.remember_owner(self.ref.uid, owner)
+            await host.call(guest.apply_definition, *args)
+        else:
+            start_error = await host.call(guest.apply_definition_and_start, *args, then_start.start_paused)
+        host.remember_owner(self.ref.uid, owner)  # defined, even when the start after it failed
         if start_error is not None:
             raise start_error
 

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import libvirt
 import pycdlib
@@ -713,22 +713,20 @@ def _check_kernel_boot(spec: VMSpec) -> None:
             raise SpecError(f"spec.kernelBoot.{key}", f"{path} does not exist on this node; put the file there or fix the path")
 
 
+class Definition(NamedTuple):
+    xml: str
+    domain: libvirt.virDomain
+
+
 def provision_and_define(
     conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings, *, generation: int, spec_hash: str,
     user_data_lookup: UserDataLookup, existing_xml: str | None,
-) -> str:
-    """Provisions the disks, renders (merged into `existing_xml` when given) and defines; returns the XML defined.
+) -> Definition:
+    """Provisions the disks, renders (merged into `existing_xml` when given) and defines; returns the XML
+    defined and the domain.
 
     If anything fails, the volumes this call created are deleted again.
     """
-    return _provision_and_define(conn, spec, vm, settings, generation=generation, spec_hash=spec_hash,
-                                 user_data_lookup=user_data_lookup, existing_xml=existing_xml)[0]
-
-
-def _provision_and_define(
-    conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings, *, generation: int, spec_hash: str,
-    user_data_lookup: UserDataLookup, existing_xml: str | None,
-) -> tuple[str, libvirt.virDomain]:
     spec = confine_spec(spec, settings.allowed_roots)
     refuse_other_vms_disks(spec, vm.uid)
     _check_kernel_boot(spec)
@@ -740,7 +738,7 @@ def _provision_and_define(
             xml = merge(existing_xml, xml)
         _prepare_host_dirs(spec, settings)
         dom = define(conn, xml)
-    return xml, dom
+    return Definition(xml, dom)
 
 
 def apply_definition(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings,
@@ -752,8 +750,8 @@ def apply_definition(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings
         raise SpecError("metadata.name", f"another domain named {vm.domain_name} (uuid {namesake.UUIDString()}) "
                         "already exists on this node; remove it or rename the VirtualMachine")
     existing_xml = existing.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if existing is not None else None
-    return _provision_and_define(conn, spec, vm, settings, generation=owner.generation, spec_hash=owner.spec_hash,
-                                 user_data_lookup=user_data_lookup, existing_xml=existing_xml)[1]
+    return provision_and_define(conn, spec, vm, settings, generation=owner.generation, spec_hash=owner.spec_hash,
+                                user_data_lookup=user_data_lookup, existing_xml=existing_xml).domain
 
 
 def apply_definition_and_start(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings,
