@@ -215,7 +215,10 @@ def test_delete_leaves_no_domain_volume_or_finalizer(agent: AgentProcess, contro
     wait_vm(kubectl, "gone", NAMESPACE, "condition=Ready")
     uid = vm["metadata"]["uid"]
     assert len(owned_volumes(uid)) == 3
+    before = write_counts(control_plane.metrics())
     delete_vm(kubectl, "gone")
+    patches = write_counts(control_plane.metrics())[("PATCH", "virtualmachines")] - before[("PATCH", "virtualmachines")]
+    assert patches == 1, f"{patches} finalizer patches (one refused as a conflict?)"
     assert kubectl("get", "vm", "gone", "-n", NAMESPACE, check=False).returncode != 0
     assert domain_name("gone") not in virsh("list", "--all", "--name").split()
     assert owned_volumes(uid) == []
