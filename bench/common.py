@@ -112,6 +112,22 @@ def add_cpu_split(bench: Bench, scenario: str, before: Counter[str], seconds: fl
               + f"; {seconds:.0f} s x {os.cpu_count()} cores = {seconds * (os.cpu_count() or 1):.0f} CPU-s available")
 
 
+def guest_cpu_cgroups(domain_prefix: str) -> Counter[str]:
+    """The top-level cpu cgroup (`/machine` when libvirt placed the guest, `/` when not) of every QEMU
+    process whose domain name starts with `domain_prefix`, counted."""
+    found: Counter[str] = Counter()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"guest={domain_prefix}".encode() not in cmdline.read_bytes():
+                continue
+            lines = (cmdline.parent / "cgroup").read_text().splitlines()
+        except OSError:  # the process exited meanwhile
+            continue
+        cpu = next((line.split(":", 2)[2] for line in lines if "cpu" in line.split(":")[1].split(",")), "/")
+        found["/" + cpu.strip("/").split("/")[0]] += 1
+    return found
+
+
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
 
 

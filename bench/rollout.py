@@ -27,7 +27,7 @@ from typing import Any
 
 from common import (
     GROUP, PLURAL, TEST_DRIVER_ARGS, TEST_DRIVER_URI, VERSION, AgentMetrics, Bench, add_cpu_split, agent_metrics,
-    agent_writes, cpu_by_command, diff, host_cpu, log, percentile, proc_usage, remove_domains,
+    agent_writes, cpu_by_command, diff, guest_cpu_cgroups, host_cpu, log, percentile, proc_usage, remove_domains,
 )
 from libvirt_operator.testing.agent_process import AgentProcess
 
@@ -200,6 +200,11 @@ def qemu(bench: Bench, n: int, node: str, namespace: str, image: Any, uri: str, 
                      lambda name: guest_spec(image, node, marker=name, domainType=domain_type), timeout=max(120, n * 4))
     bench.add("rollout-qemu", "p95_over_ceiling", percentile(result["latencies"], 95) / ceiling_p95, "x",
               "creation-to-Ready p95 / define+start p95 of ceiling-qemu")
+    placed = guest_cpu_cgroups(f"{namespace}_")
+    bench.add("rollout-qemu", "guest_cpu_cgroups", ", ".join(f"{path} x{count}" for path, count in placed.items()), "",
+              "top-level cpu cgroup of the guests' QEMU processes: /machine when libvirt's cpu controller is on "
+              "(all guests share one weight against the host's processes), / when off (each guest thread weighs "
+              "as much as libvirtd's)")
     return agent
 
 

@@ -61,7 +61,7 @@ def test_driver_scenarios(bench: Bench, size: dict, profile_dir: Path | None) ->
 def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
     from libvirt_operator.testing.libvirt_env import build_guest_image, running_libvirtd
 
-    with running_libvirtd() as uri:
+    with running_libvirtd(guest_cpu_cgroup=size["guest_cpu_cgroup"]) as uri:
         image = build_guest_image()
         namespace = "bench-qemu"
         no_os_namespace = f"{namespace}-no-os"
@@ -158,9 +158,12 @@ def main() -> int:
                         help="run only these parts (repeatable; default all)")
     parser.add_argument("--domain-type", choices=("qemu", "kvm"), default="qemu",
                         help="spec.domainType of the real guests (default qemu: TCG, as the e2e tests)")
+    parser.add_argument("--guest-cpu-cgroup", choices=("on", "off"), default="on",
+                        help="libvirt's cpu cgroup controller for the real guests (default on, as on hosts; "
+                             "off: every guest thread competes with libvirtd and the agent as an equal)")
     parser.add_argument("--profile-dir", type=Path, help="run the rollout agents under pyinstrument, reports here")
     args = parser.parse_args()
-    size = {**SIZES[args.quick], "domain_type": args.domain_type}
+    size = {**SIZES[args.quick], "domain_type": args.domain_type, "guest_cpu_cgroup": args.guest_cpu_cgroup == "on"}
     parts = args.only or ["test", "qemu", "listing"]
     began = time.monotonic()
     if args.profile_dir:

@@ -28,8 +28,13 @@ QEMU_SETTINGS = {
     "user": '"root"',
     "group": '"root"',
     "security_driver": '"none"',
-    "cgroup_controllers": "[ ]",
 }
+# Only the CPU controllers: libvirt then puts every guest under the `machine` cgroup, whose one
+# weight all guests share against the host's own processes (libvirtd, the agent, QEMU starting a
+# guest), as systemd hosts do with machine.slice (see README, "Guests and the host's own
+# processes"). The other controllers stay off, as they were before guests had a cgroup here.
+GUEST_CPU_CGROUP = '[ "cpu", "cpuacct" ]'
+NO_CGROUPS = "[ ]"
 LIBVIRTD_CONF = Path("/etc/libvirt/libvirtd.conf")
 # libvirtd runs 20 calls at a time by default, whoever sends them: 50 guests starting at once would
 # queue behind 20 (see README, "The host's libvirtd").
@@ -69,9 +74,10 @@ def _set_config(path: Path, settings: dict[str, str]) -> bool:
     return True
 
 
-def _configure() -> bool:
-    """Writes the daemons' settings and makes the users they need; True if libvirtd's own settings changed."""
-    _set_config(QEMU_CONF, QEMU_SETTINGS)
+def _configure(guest_cpu_cgroup: bool) -> bool:
+    """Writes the daemons' settings and makes the users they need; True if libvirtd's settings changed."""
+    cgroups = GUEST_CPU_CGROUP if guest_cpu_cgroup else NO_CGROUPS
+    qemu_changed = _set_config(QEMU_CONF, {**QEMU_SETTINGS, "cgroup_controllers": cgroups})
     libvirtd_changed = _set_config(LIBVIRTD_CONF, LIBVIRTD_SETTINGS)
     for group in ("kvm", "libvirt-qemu"):
         if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
@@ -82,7 +88,7 @@ def _configure() -> bool:
         )
     for d in ("/var/run/libvirt", "/var/lib/libvirt/qemu", "/var/log/libvirt/qemu", "/var/cache/libvirt"):
         Path(d).mkdir(parents=True, exist_ok=True)
-    return libvirtd_changed
+    return qemu_changed or libvirtd_changed
 
 
 def _pids(name: str) -> list[int]:
@@ -110,9 +116,10 @@ def _socket_answers(path: Path) -> bool:
     return True
 
 
-def start_daemons() -> None:
-    """Starts virtlogd and libvirtd as daemons and waits until qemu:///system answers."""
-    if _configure() and _pids("libvirtd"):
+def start_daemons(guest_cpu_cgroup: bool = True) -> None:
+    """Starts virtlogd and libvirtd as daemons (or restarts libvirtd whose settings changed) and waits
+    until qemu:///system answers."""
+    if _configure(guest_cpu_cgroup) and _pids("libvirtd"):
         kill_libvirtd(signal.SIGTERM)  # libvirtd reads its settings when it starts; running guests stay
     if not _socket_answers(VIRTLOGD_SOCKET):
         for pid in _pids("virtlogd"):
@@ -166,11 +173,11 @@ def ensure_storage_pool(name: str = DEFAULT_POOL, path: Path = DEFAULT_POOL_PATH
 
 
 @contextlib.contextmanager
-def running_libvirtd() -> Iterator[str]:
-    """Yields qemu:///system; starts the daemons when none answer and stops them afterwards."""
+def running_libvirtd(guest_cpu_cgroup: bool = True) -> Iterator[str]:
+    """Yields qemu:///system with these settings: starts the daemons when none answer (and stops them
+    afterwards), restarts a libvirtd whose settings differ (its guests keep running)."""
     started = not libvirtd_answers() or not _socket_answers(VIRTLOGD_SOCKET)
-    if started:
-        start_daemons()
+    start_daemons(guest_cpu_cgroup)
     ensure_storage_pool()
     try:
         yield SYSTEM_URI
