@@ -242,6 +242,24 @@ def test_deletion_while_the_agent_is_down_finishes_when_it_returns(
     assert domain_state("web") == "running", "the restart must not have restarted other VMs"
 
 
+def test_a_vm_deleted_past_its_finalizer_while_the_agent_is_down_loses_its_domain_when_it_returns(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    vm = apply_vm(kubectl, "forced", **guest_spec(guest_image, NODE, disks=[
+        {"name": "data", "emptyDisk": {"size": "16Mi"}}]))
+    wait_vm(kubectl, "forced", NAMESPACE, "condition=Ready")
+    uid = vm["metadata"]["uid"]
+    agent.stop()
+    kubectl("patch", "vm", "forced", "-n", NAMESPACE, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+    kubectl("delete", "vm", "forced", "-n", NAMESPACE, "--timeout=30s")
+    assert domain_state("forced") == "running" and len(owned_volumes(uid)) == 1
+    agent.start()
+    wait_until(lambda: domain_name("forced") not in virsh("list", "--all", "--name").split(), timeout=60,
+               what="the domain of a VM deleted while the agent was down removed")
+    assert owned_volumes(uid) == []
+    assert domain_state("web") == "running", "VMs that still exist keep their domains"
+
+
 def test_a_vm_for_a_node_without_an_agent_is_pending(agent: AgentProcess, control_plane: ControlPlane) -> None:
     kubectl = control_plane.kubectl
     apply_vm(kubectl, "nowhere", nodeName="node-nowhere", memory="64Mi")

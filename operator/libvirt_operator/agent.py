@@ -82,6 +82,7 @@ class Agent:
 
     async def _reconcile_once_listed(self) -> None:
         await self.cache.start()
+        await self.remove_orphans()
         self.listed = True
         self.cache.subscribe(self._domain_changed)
         self._tasks += [asyncio.create_task(self.queue.serve(self.reconcile_safely)) for _ in range(self.tuning.workers)]
@@ -124,6 +125,19 @@ class Agent:
             return
         self.bodies[uid] = dict(body)
         self.queue.add(uid)
+
+    async def remove_orphans(self) -> None:
+        """Removes the listed domains whose VM is gone: deleted past its finalizer while no agent
+        watched, or while the domains were being listed (its DELETED event then found none).
+        The VMs are listed after the domains, so a domain's VM, if it exists, is among them."""
+        listed = set(self.cache.snapshots())
+        try:
+            existing = await self.kube.vm_uids()
+        except Exception as error:
+            log.warning("could not list the VirtualMachines to find orphaned domains: %s", error)
+            return
+        for uid in listed - existing:
+            await self.remove_orphan(uid)
 
     async def remove_orphan(self, uid: str) -> None:
         """A VM deleted without its finalizer having run (removed by hand): its domain and disks go too."""

@@ -112,9 +112,16 @@ class KubeClient:
         except Exception as error:  # an Event is a courtesy: losing one must not stop a reconcile
             log.info("event %s for %s/%s not posted: %s", reason, meta["namespace"], meta["name"], error)
 
-    async def list_nodes(self) -> list[dict[str, Any]]:
-        result = await asyncio.to_thread(self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, NODE_PLURAL)
+    async def _list_cluster(self, plural: str) -> list[dict[str, Any]]:
+        result = await asyncio.to_thread(self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, plural)
         return result.get("items", [])
+
+    async def list_nodes(self) -> list[dict[str, Any]]:
+        return await self._list_cluster(NODE_PLURAL)
+
+    async def vm_uids(self) -> set[str]:
+        """The uid of every VirtualMachine in the cluster."""
+        return {item["metadata"]["uid"] for item in await self._list_cluster(PLURAL)}
 
     async def announce_node(self, status: dict[str, Any]) -> None:
         """Creates this agent's LibvirtNode if missing and writes its heartbeat and capacity."""
