@@ -254,8 +254,15 @@ def test_a_vm_deleted_past_its_finalizer_while_the_agent_is_down_loses_its_domai
     kubectl("delete", "vm", "forced", "-n", NAMESPACE, "--timeout=30s")
     assert domain_state("forced") == "running" and len(owned_volumes(uid)) == 1
     agent.start()
-    wait_until(lambda: domain_name("forced") not in virsh("list", "--all", "--name").split(), timeout=60,
-               what="the domain of a VM deleted while the agent was down removed")
+
+    def listed() -> dict | None:
+        probe = agent.probe()
+        return probe if probe and probe["agent"]["domainsListed"] else None
+
+    probe = wait_until(listed, timeout=60, what="the liveness probe says the domains are listed")
+    assert probe["agent"]["libvirtConnected"] is True, probe
+    # Orphans go before any VM is reconciled, so before the probe says the listing is done.
+    assert domain_name("forced") not in virsh("list", "--all", "--name").split()
     assert owned_volumes(uid) == []
     assert domain_state("web") == "running", "VMs that still exist keep their domains"
 

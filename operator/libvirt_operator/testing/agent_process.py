@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from libvirt_operator.testing.controlplane import free_port
 
@@ -57,12 +59,16 @@ class AgentProcess:
         self.kill()
         raise TimeoutError(f"agent not healthy after {timeout}s:\n{self.log_tail()}")
 
-    def healthy(self) -> bool:
+    def probe(self) -> dict[str, Any] | None:
+        """The liveness endpoint's answer (kopf's probes by id: `{"agent": {...}}`); None if it does not answer."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as reply:
-                return reply.status == 200
+                return json.loads(reply.read()) if reply.status == 200 else None
         except OSError:
-            return False
+            return None
+
+    def healthy(self) -> bool:
+        return self.probe() is not None
 
     def metrics(self) -> str:
         """The agent's Prometheus metrics, as text."""
