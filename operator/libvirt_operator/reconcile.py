@@ -276,6 +276,9 @@ def _plan_power(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.datet
     restart_requested = _restart_requested(vm, plan)
     if wants is None:
         plan.lifecycle = replace(plan.lifecycle, run_strategy=vm.run_strategy)
+        if restart_requested and active:
+            _plan_restart(vm, now, plan, "the restart annotation changed")
+            return
         _plan_manual(vm, snapshot, plan)
         return
     if not wants:
@@ -317,10 +320,8 @@ def _plan_running(vm: VMView, snapshot: DomainSnapshot, now: datetime.datetime, 
                   restart_requested: bool) -> None:
     stale_boot = snapshot.live_owner is not None and snapshot.live_owner.spec_hash != vm.spec_hash
     if restart_requested or (stale_boot and vm.spec.get("updateStrategy") == "Restart"):
-        why = "the restart annotation changed" if restart_requested else "the spec changed (updateStrategy Restart)"
-        plan.add("stop", grace_seconds=vm.grace_seconds)
-        plan.add("start", "Restarted", f"restarted the domain: {why}", start_paused=bool(vm.spec.get("paused")))
-        plan.lifecycle = plan.lifecycle.started(now, restart=False)
+        _plan_restart(vm, now, plan, "the restart annotation changed" if restart_requested
+                      else "the spec changed (updateStrategy Restart)")
         return
     if _stuck_starting(snapshot, plan.lifecycle, now):
         plan.add("stop")
@@ -336,6 +337,13 @@ def _plan_running(vm: VMView, snapshot: DomainSnapshot, now: datetime.datetime, 
         message = "resumed the domain (spec.paused is false)" if _paused_by_spec(vm) else \
             f"the domain was paused outside the operator ({snapshot.reason}); resumed it"
         plan.add("resume", "Resumed", message)
+
+
+def _plan_restart(vm: VMView, now: datetime.datetime, plan: _Plan, why: str) -> None:
+    """A stop and a fresh boot, which applies the persistent definition (a guest reboot would not)."""
+    plan.add("stop", grace_seconds=vm.grace_seconds)
+    plan.add("start", "Restarted", f"restarted the domain: {why}", start_paused=bool(vm.spec.get("paused")))
+    plan.lifecycle = plan.lifecycle.started(now, restart=False)
 
 
 def _stuck_starting(snapshot: DomainSnapshot, lifecycle: Lifecycle, now: datetime.datetime) -> bool:
@@ -481,7 +489,7 @@ def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.date
         status["observedGeneration"] = observed
     if snapshot is not None:
         status["domain"] = _domain_status(snapshot)
-        status["vcpus"] = _vcpus(vm.spec)
+        status["vcpus"] = _vcpus(vm.spec, snapshot)
         status["stats"] = stats_status(snapshot.stats)
         status["interfaces"] = [
             {"name": i.name, "macAddress": i.mac_address, "ipAddresses": list(i.ip_addresses)}
@@ -490,7 +498,11 @@ def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.date
     return status
 
 
-def _vcpus(spec: Mapping[str, Any]) -> int:
+def _vcpus(spec: Mapping[str, Any], snapshot: DomainSnapshot) -> int:
+    """The domain's vCPUs: of the running definition while it runs (a change waiting for the next boot is not
+    there yet), else of the persistent one; what the spec asks when libvirt's figure is missing."""
+    if "vcpu.maximum" in snapshot.stats:
+        return int(snapshot.stats["vcpu.maximum"])
     cpu = spec.get("cpu") or {}
     return int(cpu.get("sockets", 1)) * int(cpu.get("cores", 1)) * int(cpu.get("threads", 1))
 
