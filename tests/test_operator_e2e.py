@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -299,3 +300,49 @@ def test_bad_input_at_reconcile_is_stalled_naming_the_field_then_fixed(
     assert status(kubectl, "escape")["observedGeneration"] == 2
     delete_vm(kubectl, "escape")
     assert guest_image.disk.exists()
+
+
+def console_log(name: str) -> str:
+    path = re.search(r"<log file='([^']+)'", virsh("dumpxml", domain_name(name))).group(1)
+    return Path(path).read_text(errors="replace")
+
+
+def max_memory_kib(name: str) -> int:
+    return int(re.search(r"Max memory:\s+(\d+) KiB", virsh("dominfo", domain_name(name))).group(1))
+
+
+def condition_status(kubectl: Kubectl, name: str, kind: str) -> str:
+    return next(c["status"] for c in status(kubectl, name)["conditions"] if c["type"] == kind)
+
+
+def test_a_memory_change_waits_for_a_restart_not_a_guest_reboot(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    """RestartRequired stays True while the domain runs the old definition, a guest reboot included (libvirt
+    keeps the QEMU process and its definition); the restart annotation boots the new one and clears it."""
+    kubectl = control_plane.kubectl
+    apply_vm(kubectl, "resize", **guest_spec(guest_image, NODE, marker="resize"))
+    wait_vm(kubectl, "resize", NAMESPACE, "condition=Ready")
+    wait_until(lambda: "LVO-GUEST-READY resize" in console_log("resize"), what="the guest booted")
+    assert max_memory_kib("resize") == 128 * 1024
+    kubectl("patch", "vm", "resize", "-n", NAMESPACE, "--type=merge",
+            "-p", '{"spec":{"memory":"192Mi","cpu":{"cores":2}}}')
+    wait_vm(kubectl, "resize", NAMESPACE, "condition=RestartRequired")
+    pending = status(kubectl, "resize")
+    assert pending["observedGeneration"] == 2 and pending["ready"] is True and pending["vcpus"] == 1
+    assert max_memory_kib("resize") == 128 * 1024
+
+    pid = qemu_pid("resize")
+    virsh("reset", domain_name("resize"))  # a reboot inside the same QEMU process, as a guest's own reboot
+    wait_until(lambda: console_log("resize").count("LVO-GUEST-READY resize") >= 2, what="the guest rebooted")
+    kubectl("patch", "vm", "resize", "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"paused":true}}')
+    wait_vm(kubectl, "resize", NAMESPACE, "jsonpath={.status.printableStatus}=Paused")  # reconciled after the reboot
+    assert condition_status(kubectl, "resize", "RestartRequired") == "True"
+    assert qemu_pid("resize") == pid and max_memory_kib("resize") == 128 * 1024
+
+    kubectl("patch", "vm", "resize", "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"paused":false}}')
+    kubectl("annotate", "vm", "resize", "-n", NAMESPACE, "libvirt-operator.io/restart=1")
+    wait_vm(kubectl, "resize", NAMESPACE, "condition=RestartRequired=False", timeout=120)
+    assert max_memory_kib("resize") == 192 * 1024 and qemu_pid("resize") != pid
+    wait_vm(kubectl, "resize", NAMESPACE, "jsonpath={.status.vcpus}=2")
+    assert "Restarted" in event_reasons(kubectl, "resize", NAMESPACE)
+    delete_vm(kubectl, "resize")
