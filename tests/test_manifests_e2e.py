@@ -40,6 +40,8 @@ def test_server_side_dry_run_of_the_base_on_a_fresh_api_server(tmp_path: Path) -
     assert created == {
         "customresourcedefinition.apiextensions.k8s.io/virtualmachines.libvirt-operator.io",
         "customresourcedefinition.apiextensions.k8s.io/libvirtnodes.libvirt-operator.io",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/virtualmachine-updates.libvirt-operator.io",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/virtualmachine-updates.libvirt-operator.io",
         "serviceaccount/libvirt-operator", "clusterrole.rbac.authorization.k8s.io/libvirt-operator",
         "clusterrolebinding.rbac.authorization.k8s.io/libvirt-operator", "daemonset.apps/libvirt-operator-agent",
     }, result.stdout + result.stderr
