@@ -5,10 +5,13 @@ running domain, not the spec waiting for it (README "What a spec change does")."
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from libvirt_operator.model import DomainSnapshot
 from libvirt_operator.reconcile import RESTART_ANNOTATION, Problem, VMView, decide
@@ -49,8 +52,19 @@ def running(spec: dict[str, Any], vcpus: int = 1) -> DomainSnapshot:
     return replace(snapshot(spec_hash=spec_hash(spec), live_hash=spec_hash(spec)), stats={"vcpu.maximum": vcpus})
 
 
-def test_every_runtime_field_is_covered_here() -> None:
+ROOT = Path(__file__).parent.parent
+
+
+def test_every_spec_field_is_classified_here_and_in_the_readme() -> None:
+    """A new spec field must be one of RUNTIME_FIELDS (not in the spec hash) or ask for a restart, and say so."""
+    crd = yaml.safe_load((ROOT / "crds" / "virtualmachine.yaml").read_text())
+    fields = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    boot_fields = {key for change in BOOT_CHANGES.values() for key in change}
     assert sorted(LIVE_CHANGES) == sorted(RUNTIME_FIELDS)
+    assert sorted(fields) == sorted(set(LIVE_CHANGES) | boot_fields)
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## What a spec change does"):readme.index("## How to read status")]
+    assert set(fields) <= set(re.findall(r"`(\w+)", table))
 
 
 @pytest.mark.parametrize("field", sorted(LIVE_CHANGES))
