@@ -85,6 +85,7 @@ def test_a_change_needing_a_boot_is_required_until_a_restart_applies_it(field: s
     assert done == ["define"]
     assert current.config_owner.spec_hash == spec_hash(changed) != current.live_owner.spec_hash
     assert condition(pending, "RestartRequired")["status"] == "True"
+    assert f"set the annotation {RESTART_ANNOTATION} to a new value" in condition(pending, "RestartRequired")["message"]
     assert pending.status["observedGeneration"] == 2 and pending.status["ready"] is True
 
     # A guest reboot: the same QEMU process, still on the definition it was started with.

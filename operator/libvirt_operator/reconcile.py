@@ -471,8 +471,9 @@ def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.date
                    "", vm.generation, now),
         _condition(previous, "RestartRequired", restart_required,
                    "SpecChangedWhileRunning" if restart_required else "UpToDate",
-                   "the running domain was booted from an older spec; it applies at the next boot "
-                   f"(set the annotation {RESTART_ANNOTATION} to restart now)" if restart_required else "",
+                   "the running domain was booted from an older spec; a restart applies the new one (set the "
+                   f"annotation {RESTART_ANNOTATION} to a new value; a reboot inside the guest keeps the old one)"
+                   if restart_required else "",
                    vm.generation, now),
     ]
     applied = _definition_current(vm, snapshot) and not plan.actions
