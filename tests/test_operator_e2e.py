@@ -315,21 +315,22 @@ def condition_status(kubectl: Kubectl, name: str, kind: str) -> str:
     return next(c["status"] for c in status(kubectl, name)["conditions"] if c["type"] == kind)
 
 
-def test_a_memory_change_waits_for_a_restart_not_a_guest_reboot(
+def test_memory_cpu_and_firmware_changes_wait_for_a_restart_not_a_guest_reboot(
         agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage) -> None:
-    """RestartRequired stays True while the domain runs the old definition, a guest reboot included (libvirt
-    keeps the QEMU process and its definition); the restart annotation boots the new one and clears it."""
+    """Memory, vCPUs and firmware (bios to uefi): RestartRequired stays True while the domain runs the old
+    definition, a guest reboot included (libvirt keeps the QEMU process and its definition); the restart
+    annotation boots the new one and clears it."""
     kubectl = control_plane.kubectl
     apply_vm(kubectl, "resize", **guest_spec(guest_image, NODE, marker="resize"))
     wait_vm(kubectl, "resize", NAMESPACE, "condition=Ready")
     wait_until(lambda: "LVO-GUEST-READY resize" in console_log("resize"), what="the guest booted")
     assert max_memory_kib("resize") == 128 * 1024
     kubectl("patch", "vm", "resize", "-n", NAMESPACE, "--type=merge",
-            "-p", '{"spec":{"memory":"192Mi","cpu":{"cores":2}}}')
+            "-p", '{"spec":{"memory":"192Mi","cpu":{"cores":2},"firmware":"uefi"}}')
     wait_vm(kubectl, "resize", NAMESPACE, "condition=RestartRequired")
     pending = status(kubectl, "resize")
     assert pending["observedGeneration"] == 2 and pending["ready"] is True and pending["vcpus"] == 1
-    assert max_memory_kib("resize") == 128 * 1024
+    assert max_memory_kib("resize") == 128 * 1024 and "<loader" not in virsh("dumpxml", domain_name("resize"))
 
     pid = qemu_pid("resize")
     virsh("reset", domain_name("resize"))  # a reboot inside the same QEMU process, as a guest's own reboot
@@ -343,6 +344,7 @@ def test_a_memory_change_waits_for_a_restart_not_a_guest_reboot(
     kubectl("annotate", "vm", "resize", "-n", NAMESPACE, "libvirt-operator.io/restart=1")
     wait_vm(kubectl, "resize", NAMESPACE, "condition=RestartRequired=False", timeout=120)
     assert max_memory_kib("resize") == 192 * 1024 and qemu_pid("resize") != pid
+    assert "<loader" in virsh("dumpxml", domain_name("resize"))  # booted on OVMF
     wait_vm(kubectl, "resize", NAMESPACE, "jsonpath={.status.vcpus}=2")
     assert "Restarted" in event_reasons(kubectl, "resize", NAMESPACE)
     delete_vm(kubectl, "resize")
