@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+import contextlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -321,9 +323,50 @@ def agent_writes(counts: Counter[tuple[str, str]], resources: tuple[str, ...] = 
                     if key[1] in resources and key != ("POST", "virtualmachines") and key[0] != "DELETE"})
 
 
+WORKDIR_PREFIX = "lvo-bench-"
+OWNER_FILE = "owner.pid"
+
+
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP end the run like Ctrl-C does, through every `finally` (the agents, the control
+    plane and the guests are stopped); without this a `timeout` or a closed terminal left them running."""
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, leave)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def reap_stale_runs(tmp: Path = Path(tempfile.gettempdir())) -> list[str]:
+    """Stops the processes of earlier runs that could not clean up (SIGKILL), and removes their workdirs."""
+    reaped = []
+    for workdir in tmp.glob(f"{WORKDIR_PREFIX}*"):
+        owner = workdir / OWNER_FILE
+        if owner.exists() and _alive(int(owner.read_text() or 0)):
+            continue
+        for line in subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if str(workdir) in args and int(pid) != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+                    reaped.append(args[:120])
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    return reaped
+
+
 @contextmanager
 def bench_environment(quick: bool) -> Iterator[Bench]:
-    workdir = Path(tempfile.mkdtemp(prefix="lvo-bench-"))
+    for stale in reap_stale_runs():
+        log(f"stopped a process an earlier run left: {stale}")
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    (workdir / OWNER_FILE).write_text(str(os.getpid()))
     bench = Bench(workdir, quick)
     try:
         bench.start()

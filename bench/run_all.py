@@ -26,7 +26,7 @@ import reaction  # noqa: E402
 import restart  # noqa: E402
 import rollout  # noqa: E402
 import steady_state  # noqa: E402
-from common import Bench, Figure, bench_environment, log, remove_domains  # noqa: E402
+from common import Bench, Figure, bench_environment, exit_on_signals, log, remove_domains  # noqa: E402
 
 SIZES = {
     # test-driver N, second (small) N, steady window s, QEMU guests, restart guests (min), reaction commands
@@ -66,7 +66,8 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
         namespace = "bench-qemu"
         no_os_namespace = f"{namespace}-no-os"
         idle_namespace = f"{namespace}-idle-vcpus"
-        remove_domains(f"{namespace}_")
+        for leftover in (namespace, no_os_namespace, idle_namespace):  # an earlier run's, killed before its cleanup
+            remove_domains(f"{leftover}_")
         agent = None
         try:
             guests = max(size["qemu"], size["qemu_restart"])
@@ -166,6 +167,7 @@ def main() -> int:
     size = {**SIZES[args.quick], "domain_type": args.domain_type, "guest_cpu_cgroup": args.guest_cpu_cgroup == "on"}
     parts = args.only or ["test", "qemu", "listing"]
     began = time.monotonic()
+    exit_on_signals()
     if args.profile_dir:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
     with bench_environment(args.quick) as bench:

@@ -1,7 +1,8 @@
 """`make demo` / `make demo-down`: a local control plane, the CRDs, one agent and the examples.
 
     demo.py up [--libvirt-uri URI]   start everything, apply examples/, wait until every VM is Ready
-    demo.py down                     stop the agent and the control plane, remove the demo's state
+    demo.py down                     delete the demo's VMs (their domains and disks go with them), then
+                                     stop the agent and the control plane and remove the demo's state
 
 State lives in DEMO_DIR so `down` works from any shell.
 """
@@ -41,7 +42,8 @@ def up(libvirt_uri: str) -> int:
         libvirt_env.start_daemons()
     agent = AgentProcess(DEMO_DIR, plane.admin_kubeconfig, libvirt_uri=libvirt_uri, node_name=NODE, extra_args=extra)
     agent.start()
-    (DEMO_DIR / "agent.json").write_text(json.dumps({"pid": agent.process.pid, "log": str(agent.log_path)}))
+    (DEMO_DIR / "agent.json").write_text(json.dumps({"pid": agent.process.pid, "log": str(agent.log_path),
+                                                     "libvirtUri": libvirt_uri}))
     kubectl("apply", "-f", str(ROOT / "examples"))
     began = time.monotonic()
     kubectl("wait", "--for=condition=Ready", "vm", "--all", "-A", "--timeout=120s", timeout=150)
@@ -56,18 +58,54 @@ def up(libvirt_uri: str) -> int:
 
 
 def down() -> int:
+    """Removes what the demo made, and only that: its VMs' domains and disks, the agent, the control plane."""
     state = DEMO_DIR / "agent.json"
-    if state.exists():
-        pid = json.loads(state.read_text())["pid"]
+    agent = json.loads(state.read_text()) if state.exists() else None
+    plane = ControlPlane.attach(DEMO_DIR / "control-plane") if (DEMO_DIR / "control-plane" / "state.json").exists() \
+        else None
+    uids = _delete_vms(plane) if plane is not None else []
+    if agent is not None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-            _wait_gone(pid, 20)
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(agent["pid"], signal.SIGTERM)
+            _wait_gone(agent["pid"], 20)
+            os.killpg(agent["pid"], signal.SIGKILL)
+        _remove_left_domains(agent.get("libvirtUri", TEST_DRIVER), uids)
         state.unlink()
-    if (DEMO_DIR / "control-plane" / "state.json").exists():
-        ControlPlane.attach(DEMO_DIR / "control-plane").stop()
+    if plane is not None:
+        plane.stop()
     print("demo stopped")
     return 0
+
+
+def _delete_vms(plane: ControlPlane) -> list[str]:
+    """Deletes every VM through the API, so the agent's finalizer removes its domain and disks; returns
+    the VMs' uids (for what an agent that is gone could not remove)."""
+    try:
+        listed = plane.kubectl("get", "vm", "-A", "-o", "jsonpath={.items[*].metadata.uid}", timeout=30)
+        plane.kubectl("delete", "vm", "--all", "-A", "--timeout=120s", timeout=150, check=False)
+    except Exception as error:  # the API server may be gone already: the uids are then unknown
+        print(f"could not delete the demo's VMs through the API: {error}", file=sys.stderr)
+        return []
+    return listed.stdout.split()
+
+
+def _remove_left_domains(libvirt_uri: str, uids: list[str]) -> None:
+    """The domains and owned disks of the demo's VMs that are still there (an agent that died first)."""
+    if libvirt_uri == TEST_DRIVER or not uids:
+        return  # the test driver's domains lived in the agent process
+    import libvirt  # noqa: PLC0415 - only `down` on a real libvirtd needs it
+
+    from libvirt_operator import guest  # noqa: PLC0415
+    from libvirt_operator.model import AgentSettings  # noqa: PLC0415
+
+    conn = libvirt.open(libvirt_uri)
+    try:
+        for uid in uids:
+            removed = guest.undefine_and_delete(conn, uid, AgentSettings(libvirt_uri=libvirt_uri))
+            if removed:
+                print(f"removed the domain and disks {removed} of VM {uid} the agent left")
+    finally:
+        conn.close()
 
 
 def _wait_gone(pid: int, seconds: float) -> None:

@@ -177,3 +177,14 @@ def test_the_argocd_cm_snippet_embeds_the_lua_verbatim() -> None:
     patch = yaml.safe_load((ARGOCD / "argocd-cm-patch.yaml").read_text())
     assert patch["kind"] == "ConfigMap" and patch["metadata"] == {"name": "argocd-cm", "namespace": "argocd"}
     assert patch["data"] == {"resource.customizations.health.libvirt-operator.io_VirtualMachine": LUA}
+
+
+@pytest.mark.parametrize("printable", ["CrashLoopBackOff", "Failed"])
+def test_a_crash_looping_or_failed_vm_is_degraded_whatever_its_conditions_say(printable: str) -> None:
+    """printableStatus alone decides here: conditions written by an older agent may still say Ready."""
+    obj = SITUATIONS["running"]("Always")
+    obj["status"]["printableStatus"] = printable
+    assert conditions(obj)["Ready"]["status"] == "True" and conditions(obj)["Stalled"]["status"] == "False"
+    assert health(obj) == ("Degraded", f"The VM is {printable}")
+    del obj["status"]["conditions"]
+    assert health(obj) == ("Degraded", f"The VM is {printable}")

@@ -13,6 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from libvirt_operator.spec import SpecError, parse_spec
 from test_guest_properties import MANIFESTS
 
 pytestmark = pytest.mark.e2e
@@ -157,3 +158,49 @@ def test_the_generated_specs_are_what_admission_admits(vm_crd: Kubectl, manifest
     # JSON, not YAML: kubectl reads YAML 1.1, where a drawn name like `y` or `on` would be a boolean.
     result = server_dry_run(vm_crd, json.dumps({"apiVersion": "v1", "kind": "List", "items": documents}))
     assert result.returncode == 0, result.stderr
+
+
+_NUMBERS = st.one_of(st.integers(0, 10**6).map(str), st.decimals(0, 10**4, places=3).map(str),
+                     st.integers(0, 999).map(lambda n: f".{n}"), st.integers(0, 999).map(lambda n: f"{n}."))
+QUANTITIES = st.one_of(
+    st.builds(lambda sign, number, suffix: sign + number + suffix,
+              st.sampled_from(["", "", "+", "-"]), _NUMBERS,
+              st.sampled_from(["", "Ki", "Mi", "Gi", "Ti", "k", "M", "G", "m", "u", "n"])),
+    st.builds(lambda number, e, exponent: f"{number}{e}{exponent}", _NUMBERS, st.sampled_from("eE"),
+              st.integers(-12, 15)),
+    st.builds(lambda number, junk: number + junk, _NUMBERS,
+              st.sampled_from([" Gi", "GB", "ki", "e", "e+", "iB", "Mi ", "_1", "KI", "0x"])),
+    st.sampled_from(["", "Gi", "-", ".", "e9", "1.2.3", "0x10"]),
+    st.integers(-10, 2**40),
+)
+"""Kubernetes quantities in every form its grammar has (signs, decimals, binary and decimal suffixes,
+exponents), and near misses."""
+
+
+def admitted_names(kubectl: Kubectl, specs: dict[str, dict[str, Any]]) -> set[str]:
+    """The names, among these VMs, that the API server admits (one server-side dry run of a List)."""
+    items = [{"apiVersion": "libvirt-operator.io/v1alpha1", "kind": "VirtualMachine",
+              "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec} for name, spec in specs.items()]
+    result = server_dry_run(kubectl, json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    return {name for name in specs if f'"{name}" is invalid' not in result.stderr}
+
+
+def agent_accepts(spec: dict[str, Any]) -> bool:
+    try:
+        parse_spec(spec)
+    except SpecError:
+        return False
+    return True
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(st.lists(QUANTITIES, min_size=20, max_size=20))
+def test_admission_and_the_agent_accept_the_same_quantities(vm_crd: Kubectl, quantities: list[Any]) -> None:
+    specs: dict[str, dict[str, Any]] = {}
+    for i, quantity in enumerate(quantities):
+        specs[f"memory-{i}"] = {"memory": quantity}
+        specs[f"disk-{i}"] = {"memory": "64Mi", "disks": [{"name": "data", "emptyDisk": {"size": quantity}}]}
+    admitted = admitted_names(vm_crd, specs)
+    disagreements = {name: specs[name] for name in specs if (name in admitted) != agent_accepts(specs[name])}
+    assert disagreements == {}, f"admitted by the API server: {sorted(admitted & set(disagreements))}"

@@ -17,12 +17,15 @@ pytestmark = pytest.mark.unit
 @pytest.mark.parametrize(("quantity", "expected"), [
     ("64Mi", 64 * 2**20), ("1.5Gi", 3 * 2**29), ("2G", 2 * 10**9), ("1k", 1000), ("1Ki", 1024),
     ("1Ti", 2**40), ("1048576", 2**20), (1048576, 2**20), ("0.5Ki", 512), ("1.0001k", 1001),
+    # the rest of Kubernetes' grammar, which admission (CEL isQuantity) admits too
+    ("1e9", 10**9), ("1E3", 1000), ("2e+3", 2000), ("5e-1", 1), ("1000m", 1), ("1500m", 2), ("1u", 1), ("+1Ki", 1024),
+    (".5Ki", 512), ("5.", 5), ("1E", 10**18),
 ])
 def test_quantities_become_whole_bytes(quantity: Any, expected: int) -> None:
     assert parse_quantity(quantity, "spec.memory") == expected
 
 
-@pytest.mark.parametrize("quantity", ["1GB", "Gi", "-1Gi", "1 Gi", "1.5.2Mi", True, -5, [1]])
+@pytest.mark.parametrize("quantity", ["1GB", "Gi", "-1Gi", "1 Gi", "1.5.2Mi", "1e", "1e1.5", "0x10", "1ki", True, -5, [1]])
 def test_malformed_quantities_are_refused_with_an_example(quantity: Any) -> None:
     with pytest.raises(SpecError) as error:
         parse_quantity(quantity, "spec.memory")

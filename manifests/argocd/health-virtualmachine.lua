@@ -1,6 +1,6 @@
 -- Argo CD health for libvirt-operator.io/VirtualMachine, from its kstatus conditions.
 local health = {status = "Progressing", message = "Waiting for the libvirt-operator agent"}
-if obj.status == nil or obj.status.conditions == nil then
+if obj.status == nil then
   return health
 end
 if obj.status.observedGeneration ~= nil and obj.metadata.generation ~= nil
@@ -9,7 +9,7 @@ if obj.status.observedGeneration ~= nil and obj.metadata.generation ~= nil
   return health
 end
 local conditions = {}
-for _, condition in ipairs(obj.status.conditions) do
+for _, condition in ipairs(obj.status.conditions or {}) do
   conditions[condition.type] = condition
 end
 local function is_true(kind)
@@ -17,6 +17,16 @@ local function is_true(kind)
 end
 local function message(kind)
   return conditions[kind] and conditions[kind].message or ""
+end
+local printable = obj.status.printableStatus
+if printable == "CrashLoopBackOff" or printable == "Failed" then
+  -- Degraded whatever the conditions say (an older agent's, say).
+  health.status = "Degraded"
+  health.message = is_true("Stalled") and message("Stalled") or "The VM is " .. printable
+  return health
+end
+if obj.status.conditions == nil then
+  return health
 end
 if is_true("Stalled") then
   health.status = "Degraded"

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Union
 
 MIN_MEMORY = 16 * 1024**2
@@ -30,10 +30,15 @@ INTERFACE_KINDS = ("network", "bridge", "user")
 RUNTIME_FIELDS = ("runStrategy", "paused", "updateStrategy", "terminationGracePeriodSeconds", "nodeName")
 """Spec fields that steer the reconciler but do not change the domain definition."""
 
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_QUANTITY = re.compile(rf"^(?P<number>{_NUMBER})(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)|[eE](?P<exponent>[+-]?[0-9]+))?$")
+"""Kubernetes' quantity grammar (apimachinery's resource.ParseQuantity, which CEL's isQuantity uses)."""
 _SUFFIXES = {
-    None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    None: Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12), "P": Decimal(10**15),
+    "E": Decimal(10**18),
+    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40), "Pi": Decimal(2**50),
+    "Ei": Decimal(2**60),
 }
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -158,16 +163,22 @@ _SOURCE_KEYS: dict[type, str] = {
 
 
 def parse_quantity(value: Any, field: str) -> int:
-    """A Kubernetes quantity (`512Mi`, `1.5Gi`, `2G`, `1048576`) as whole bytes, rounded up."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = _QUANTITY.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise SpecError(field, f"{value!r} is not a quantity; write e.g. 512Mi, 1.5Gi, 2G or a number of bytes")
-    try:
-        amount = Decimal(match.group(1)) * _SUFFIXES[match.group(2)]
-    except InvalidOperation as error:
-        raise SpecError(field, f"{value!r} is not a quantity") from error
+    """A Kubernetes quantity (`512Mi`, `1.5Gi`, `2G`, `1e9`, `1048576`) as whole bytes, rounded up; any
+    form the API server admits is read, a negative one is refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        amount = Decimal(value)
+    else:
+        match = _QUANTITY.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise SpecError(field, f"{value!r} is not a quantity; write e.g. 512Mi, 1.5Gi, 2G or a number of bytes")
+        exponent = match.group("exponent")
+        try:
+            scale = Decimal(10) ** int(exponent) if exponent is not None else _SUFFIXES[match.group("suffix")]
+            amount = Decimal(match.group("number")) * scale
+        except ArithmeticError as error:
+            raise SpecError(field, f"{value!r} is not a quantity") from error
+    if amount < 0:
+        raise SpecError(field, f"{value!r} is negative; give a size such as 512Mi")
     return math.ceil(amount)
 
 
