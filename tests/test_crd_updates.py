@@ -65,7 +65,7 @@ def disks(*sized: tuple[str, object]) -> list[dict[str, Any]]:
     return [{"name": name, "emptyDisk": {"size": size}} for name, size in sized]
 
 
-@pytest.mark.parametrize(("before", "after"), [("2Gi", "1Gi"), (2 * 1024**3, "1Gi"), ("1Gi", "1G"), ("1Gi", 1048576)])
+@pytest.mark.parametrize(("before", "after"), [("2Gi", "1Gi"), (2 * 1024**3, "1Gi"), ("1Gi", "1G"), ("1Gi", 1048576), ("1e10", "9Gi")])
 def test_an_empty_disk_cannot_shrink(policy: Kubectl, before: object, after: object) -> None:
     vm_crd = policy
     create(vm_crd, "shrink", disks=disks(("root", "1Gi"), ("data", before)))
