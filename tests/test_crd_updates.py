@@ -37,7 +37,8 @@ def policy(vm_crd: Kubectl) -> Kubectl:
 
 def create(kubectl: Kubectl, name: str, **spec: object) -> None:
     kubectl("delete", "vm", name, "-n", NAMESPACE, "--ignore-not-found")
-    kubectl("apply", "-f", "-", input=manifest(name, **spec))
+    # JSON, not YAML: kubectl reads YAML 1.1, where a size like 1e10 would be a number.
+    kubectl("apply", "-f", "-", input=json.dumps(yaml.safe_load(manifest(name, **spec))))
 
 
 def patch(kubectl: Kubectl, name: str, spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
