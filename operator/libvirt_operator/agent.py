@@ -12,7 +12,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -67,6 +67,8 @@ class Agent:
         self.listed = False
         """Whether the first listing of the domains is done (and VMs are being reconciled)."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._jobs: set[asyncio.Task[None]] = set()
+        """One-off jobs (an orphan's removal), kept referenced until done."""
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -89,9 +91,10 @@ class Agent:
         self._tasks.append(asyncio.create_task(self._every(self.tuning.resync_seconds, self.resync)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._jobs]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.queue.close()
         await self.cache.stop()
         await self.host.stop()
@@ -110,7 +113,7 @@ class Agent:
     # --- wake-ups ----------------------------------------------------------------------
 
     def observe(self, event_type: str, body: Mapping[str, Any]) -> None:
-        """A watch event for a VirtualMachine (kopf's on.event)."""
+        """A watch event for a VirtualMachine (kopf's on.event); runs on the event loop, as everything here."""
         uid = body["metadata"]["uid"]
         if event_type == "DELETED":
             self.bodies.pop(uid, None)
@@ -118,13 +121,18 @@ class Agent:
             self.retries.pop(uid, None)
             self.stats_written.pop(uid, None)
             if self.cache.get(uid) is not None:
-                self._tasks.append(asyncio.create_task(self.remove_orphan(uid)))
+                self._background(self.remove_orphan(uid))
             return
         held = self.bodies.get(uid)
         if held is not None and _newer_or_same(held, body):
             return
         self.bodies[uid] = dict(body)
         self.queue.add(uid)
+
+    def _background(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(job)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
 
     async def remove_orphans(self) -> None:
         """Removes the listed domains whose VM is gone: deleted past its finalizer while no agent
