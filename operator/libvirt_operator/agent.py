@@ -75,7 +75,13 @@ class Agent:
     async def start(self) -> None:
         """Connects to libvirt and returns; the first listing of the domains, then the reconciles, follow
         in the background. That listing waits for every domain libvirtd is still starting (a killed
-        agent's rollout: a minute or more on a busy host), and the liveness probe must answer meanwhile."""
+        agent's rollout: a minute or more on a busy host), and the liveness probe must answer meanwhile.
+
+        First the cluster's identity, which every mark carries: without it another cluster's domains on a
+        shared host would look like this one's orphans."""
+        if not self.settings.cluster_id:
+            self.settings = replace(self.settings, cluster_id=await self.kube.cluster_identity())
+        self.host.cluster_id = self.settings.cluster_id
         await self.host.start()
         # The first heartbeat runs beside the rest: reading capacity asks every guest's QEMU,
         # which takes seconds when the guests keep the CPUs busy, and VMs need none of it.
@@ -137,8 +143,10 @@ class Agent:
     async def remove_orphans(self) -> None:
         """Removes the listed domains whose VM is gone: deleted past its finalizer while no agent
         watched, or while the domains were being listed (its DELETED event then found none).
-        The VMs are listed after the domains, so a domain's VM, if it exists, is among them."""
-        listed = set(self.cache.snapshots())
+        The VMs are listed after the domains, so a domain's VM, if it exists, is among them. Only domains
+        whose mark names this cluster: one from before cluster identities may be another cluster's."""
+        listed = {uuid for uuid, snapshot in self.cache.snapshots().items()
+                  if _marked_by(snapshot, self.settings.cluster_id)}
         try:
             existing = await self.kube.vm_uids()
         except Exception as error:
@@ -179,6 +187,7 @@ class Agent:
             "heartbeatTime": now_iso(), "leaseDurationSeconds": nodes.LEASE_SECONDS,
             "libvirtUri": self.settings.libvirt_uri, "connected": connected,
             "vms": sum(1 for uid in self.bodies if self._owned(self.bodies[uid])),
+            "foreignDomains": self.host.foreign_domains,
         }
         if capacity is not None:
             status["hypervisor"] = {
@@ -280,6 +289,11 @@ class Agent:
             self.bodies[uid] = updated
         body["status"] = updated.get("status") or status
         body["metadata"] = updated["metadata"]  # a finalizer patch after this one must not answer 409
+
+
+def _marked_by(snapshot: DomainSnapshot, cluster: str) -> bool:
+    owner = snapshot.live_owner or snapshot.config_owner
+    return owner is not None and owner.cluster == cluster
 
 
 def _newer_or_same(held: Mapping[str, Any], incoming: Mapping[str, Any]) -> bool:
@@ -453,7 +467,8 @@ class _Run:
         assert self.spec is not None
         secrets = await self._user_data()
         owner = OwnerMetadata(uid=self.ref.uid, namespace=self.ref.namespace, name=self.ref.name,
-                              generation=self.view.generation, spec_hash=self.view.spec_hash)
+                              generation=self.view.generation, spec_hash=self.view.spec_hash,
+                              cluster=self.agent.settings.cluster_id)
         host, args = self.agent.host, (self.spec, self.ref, self.agent.settings, owner, secrets.get)
         start_error = None
         if then_start is None:

@@ -247,7 +247,8 @@ def render(
     spec: VMSpec, vm: VMRef, settings: AgentSettings, *, generation: int, spec_hash: str, disks: Sequence[ResolvedDisk],
 ) -> str:
     """The domain XML for `spec`; the same arguments always give the same bytes."""
-    owner = OwnerMetadata(uid=vm.uid, namespace=vm.namespace, name=vm.name, generation=generation, spec_hash=spec_hash)
+    owner = OwnerMetadata(uid=vm.uid, namespace=vm.namespace, name=vm.name, generation=generation, spec_hash=spec_hash,
+                          cluster=settings.cluster_id)
     domain_type = spec.domain_type or settings.domain_type
     memory_kib = str(-(-spec.memory // 1024))
     root = _e(
