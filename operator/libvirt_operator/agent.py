@@ -442,6 +442,8 @@ class _Run:
             await self._set_finalizer(present=kind == "add-finalizer")
         elif kind == "define":
             await self._define(then_start=step[1] if len(step) > 1 else None)
+        elif kind == "start" and self.spec is not None:
+            await self._define(then_start=action)  # a boot applies what waited for it: new overlays, grown disks
         elif kind == "start":
             await host.call(guest.start, uid, action.start_paused)
         elif kind == "stop":
