@@ -307,19 +307,46 @@ def test_seed_iso_is_a_nocloud_volume() -> None:
     assert contents == {"user-data": "#cloud-config\nx: 1\n", "meta-data": "instance-id: u\n", "network-config": "version: 2\n"}
 
 
+THEIRS = "22222222-2222-4222-8222-222222222222"
+AGENT_FILES = {
+    "another VM's disk": ({"volume": {"pool": "default", "name": f"{THEIRS}-data.qcow2"}}, "volume.name", THEIRS),
+    "another VM's disk by path": ({"image": {"path": f"/var/lib/libvirt/images/{THEIRS}-root.qcow2"}}, "image.path",
+                                  THEIRS),
+    "another VM's seed": ({"image": {"path": f"/var/lib/libvirt/images/{THEIRS}-seed-cidata.iso"}}, "image.path",
+                          "owns"),
+    "a VM's NVRAM": ({"image": {"path": f"/var/lib/libvirt/libvirt-operator/nvram/{THEIRS}_VARS.fd"}}, "image.path",
+                     "NVRAM"),
+    "a console log": ({"image": {"path": "/var/log/libvirt/libvirt-operator/default_web.log"}}, "image.path",
+                      "console logs"),
+    "an http base, writable": ({"image": {"path": "/var/lib/libvirt/images/http-" + "a" * 64}}, "image.path",
+                               "downloaded"),
+    "an http base as a volume": ({"volume": {"pool": "default", "name": "http-" + "a" * 64}}, "volume.name",
+                                 "downloaded"),
+}
+
+
 @pytest.mark.unit
-def test_another_vms_disk_is_refused_naming_the_field() -> None:
-    from libvirt_operator.paths import refuse_other_vms_disks
-    mine, theirs = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
-    spec = parse_spec({"memory": "64Mi", "disks": [
-        {"name": "own", "image": {"path": f"/var/lib/libvirt/images/{mine}-root.qcow2"}},
-        {"name": "base", "image": {"path": "/var/lib/libvirt/images/debian.qcow2"}}]})
-    refuse_other_vms_disks(spec, mine)
-    stolen = parse_spec({"memory": "64Mi", "disks": [
-        {"name": "x", "volume": {"pool": "default", "name": f"{theirs}-data.qcow2"}}]})
+@pytest.mark.parametrize("case", AGENT_FILES)
+def test_the_agents_files_are_refused_as_disks_naming_the_field(case: str) -> None:
+    from libvirt_operator.paths import refuse_agent_files
+    source, field, said = AGENT_FILES[case]
+    spec = parse_spec({"memory": "64Mi", "disks": [{"name": "x", **source}]})
     with pytest.raises(SpecError) as error:
-        refuse_other_vms_disks(stolen, mine)
-    assert error.value.field == "spec.disks[0].volume.name" and theirs in error.value.message
+        refuse_agent_files(spec, SETTINGS)
+    assert error.value.field == f"spec.disks[0].{field}" and said in error.value.message
+
+
+@pytest.mark.unit
+def test_images_of_ones_own_and_an_http_base_under_a_clone_are_allowed_and_a_kernel_must_not_be_a_log() -> None:
+    from libvirt_operator.paths import refuse_agent_files
+    refuse_agent_files(parse_spec({"memory": "64Mi", "disks": [
+        {"name": "base", "image": {"path": "/var/lib/libvirt/images/debian.qcow2"}},
+        {"name": "cached", "image": {"path": "/var/lib/libvirt/images/http-" + "a" * 64, "clone": True}}]}), SETTINGS)
+    with pytest.raises(SpecError) as error:
+        refuse_agent_files(parse_spec({"memory": "64Mi", "kernelBoot": {
+            "kernel": "/var/lib/libvirt/boot/vmlinuz",
+            "initrd": "/var/log/libvirt/libvirt-operator/default_other.log"}}), SETTINGS)
+    assert error.value.field == "spec.kernelBoot.initrd"
 
 
 @pytest.mark.parametrize(("scheduler", "cores", "vcpus"), [("idle", 1, "0"), ("idle", 3, "0-2"), ("batch", 2, "0-1")])

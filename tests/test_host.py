@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import contextlib
 import os
 import signal
@@ -694,5 +695,34 @@ async def test_calls_beside_a_call_held_up_in_libvirt_use_connections_of_their_o
             assert not blocked.done(), "the call did not stay blocked: the test proves nothing"
         held_connection = blocked.result()
         assert held_connection is not None and held_connection not in used
+    finally:
+        await host.stop()
+
+
+def marked_xml(name: str, uuid: str, cluster: str) -> str:
+    owner = dataclasses.replace(owner_for(uuid), cluster=cluster)
+    return domain_xml(name, uuid, domain_type="test", metadata_xml=metadata.owner_xml(owner))
+
+
+@pytest.mark.libvirt
+async def test_a_mark_naming_another_cluster_is_foreign_and_one_from_before_cluster_identities_is_not(
+        test_uri: str) -> None:
+    host = Host(test_uri)
+    host.cluster_id = "cluster-a"
+    await host.start()
+    try:
+        ours, others, legacy = (str(uuidlib.uuid4()) for _ in range(3))
+        await elsewhere(test_uri, _define_all, [
+            marked_xml(f"{PREFIX}-ours", ours, "cluster-a"), marked_xml(f"{PREFIX}-others", others, "cluster-b"),
+            marked_xml(f"{PREFIX}-legacy", legacy, "")])
+        assert {d.uuid for d in await host.list_domains()} == {ours, legacy}
+        assert {f.uuid for f in await host.read_domains()} == {ours, legacy}
+        assert await host.read_domain(others) is None
+        assert {d.uuid for d in await host.list_domains(include_foreign=True) if d.owner is None} >= {others}
+        assert host.foreign_domains >= 1
+        before = host.foreign_domains
+        await elsewhere(test_uri, lambda conn: conn.lookupByUUIDString(others).undefine())
+        await host.list_domains()
+        assert host.foreign_domains == before - 1
     finally:
         await host.stop()

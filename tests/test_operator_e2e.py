@@ -268,6 +268,23 @@ def test_a_vm_deleted_past_its_finalizer_while_the_agent_is_down_loses_its_domai
     assert domain_state("web") == "running", "VMs that still exist keep their domains"
 
 
+def test_a_vm_deleted_past_its_finalizer_while_the_agent_runs_loses_its_domain_and_disks(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    """The DELETED event alone must remove them: the watch handler runs on the event loop (as a plain
+    `def` kopf ran it in a thread, where starting the removal failed with 'no running event loop')."""
+    kubectl = control_plane.kubectl
+    vm = apply_vm(kubectl, "unfinalized", **guest_spec(guest_image, NODE, disks=[
+        {"name": "data", "emptyDisk": {"size": "16Mi"}}]))
+    wait_vm(kubectl, "unfinalized", NAMESPACE, "condition=Ready")
+    uid = vm["metadata"]["uid"]
+    kubectl("patch", "vm", "unfinalized", "-n", NAMESPACE, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+    kubectl("delete", "vm", "unfinalized", "-n", NAMESPACE, "--timeout=30s")
+    wait_until(lambda: domain_name("unfinalized") not in virsh("list", "--all", "--name").split(), timeout=60,
+               what="the domain of the VM deleted past its finalizer is gone")
+    wait_until(lambda: owned_volumes(uid) == [], timeout=30, what="its volumes are gone")
+    assert domain_state("web") == "running", "VMs that still exist keep their domains"
+
+
 def test_a_vm_for_a_node_without_an_agent_is_pending(agent: AgentProcess, control_plane: ControlPlane) -> None:
     kubectl = control_plane.kubectl
     apply_vm(kubectl, "nowhere", nodeName="node-nowhere", memory="64Mi")

@@ -7,6 +7,8 @@ as two domains, which the status (domain uuid and node) would reveal.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from collections.abc import Iterator
 
@@ -28,14 +30,13 @@ def agents(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
     install_crds(kubectl, NAMESPACE)
     workdir = tmp_path_factory.mktemp("two-agents")
     running = {}
-    for node in ("node-a", "node-b"):
-        running[node] = AgentProcess(workdir, control_plane.admin_kubeconfig, libvirt_uri="test:///default",
-                                     node_name=node, extra_args=TEST_DRIVER_ARGS)
-        running[node].start()
-    yield running
-    kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=60s", check=False, timeout=90)
-    for process in running.values():
-        process.stop()
+    with contextlib.ExitStack() as stack:
+        for node in ("node-a", "node-b"):
+            running[node] = stack.enter_context(AgentProcess(
+                workdir, control_plane.admin_kubeconfig, libvirt_uri="test:///default", node_name=node,
+                extra_args=TEST_DRIVER_ARGS))
+        yield running
+        kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=60s", check=False, timeout=90)
 
 
 def test_each_agent_runs_only_its_own_vms(agents: dict[str, AgentProcess], control_plane: ControlPlane) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -67,13 +67,21 @@ class Agent:
         self.listed = False
         """Whether the first listing of the domains is done (and VMs are being reconciled)."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._jobs: set[asyncio.Task[None]] = set()
+        """One-off jobs (an orphan's removal), kept referenced until done."""
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connects to libvirt and returns; the first listing of the domains, then the reconciles, follow
         in the background. That listing waits for every domain libvirtd is still starting (a killed
-        agent's rollout: a minute or more on a busy host), and the liveness probe must answer meanwhile."""
+        agent's rollout: a minute or more on a busy host), and the liveness probe must answer meanwhile.
+
+        First the cluster's identity, which every mark carries: without it another cluster's domains on a
+        shared host would look like this one's orphans."""
+        if not self.settings.cluster_id:
+            self.settings = replace(self.settings, cluster_id=await self.kube.cluster_identity())
+        self.host.cluster_id = self.settings.cluster_id
         await self.host.start()
         # The first heartbeat runs beside the rest: reading capacity asks every guest's QEMU,
         # which takes seconds when the guests keep the CPUs busy, and VMs need none of it.
@@ -89,9 +97,10 @@ class Agent:
         self._tasks.append(asyncio.create_task(self._every(self.tuning.resync_seconds, self.resync)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._jobs]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.queue.close()
         await self.cache.stop()
         await self.host.stop()
@@ -110,7 +119,7 @@ class Agent:
     # --- wake-ups ----------------------------------------------------------------------
 
     def observe(self, event_type: str, body: Mapping[str, Any]) -> None:
-        """A watch event for a VirtualMachine (kopf's on.event)."""
+        """A watch event for a VirtualMachine (kopf's on.event); runs on the event loop, as everything here."""
         uid = body["metadata"]["uid"]
         if event_type == "DELETED":
             self.bodies.pop(uid, None)
@@ -118,7 +127,7 @@ class Agent:
             self.retries.pop(uid, None)
             self.stats_written.pop(uid, None)
             if self.cache.get(uid) is not None:
-                self._tasks.append(asyncio.create_task(self.remove_orphan(uid)))
+                self._background(self.remove_orphan(uid))
             return
         held = self.bodies.get(uid)
         if held is not None and _newer_or_same(held, body):
@@ -126,11 +135,18 @@ class Agent:
         self.bodies[uid] = dict(body)
         self.queue.add(uid)
 
+    def _background(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(job)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
     async def remove_orphans(self) -> None:
         """Removes the listed domains whose VM is gone: deleted past its finalizer while no agent
         watched, or while the domains were being listed (its DELETED event then found none).
-        The VMs are listed after the domains, so a domain's VM, if it exists, is among them."""
-        listed = set(self.cache.snapshots())
+        The VMs are listed after the domains, so a domain's VM, if it exists, is among them. Only domains
+        whose mark names this cluster: one from before cluster identities may be another cluster's."""
+        listed = {uuid for uuid, snapshot in self.cache.snapshots().items()
+                  if _marked_by(snapshot, self.settings.cluster_id)}
         try:
             existing = await self.kube.vm_uids()
         except Exception as error:
@@ -171,6 +187,7 @@ class Agent:
             "heartbeatTime": now_iso(), "leaseDurationSeconds": nodes.LEASE_SECONDS,
             "libvirtUri": self.settings.libvirt_uri, "connected": connected,
             "vms": sum(1 for uid in self.bodies if self._owned(self.bodies[uid])),
+            "foreignDomains": self.host.foreign_domains,
         }
         if capacity is not None:
             status["hypervisor"] = {
@@ -272,6 +289,11 @@ class Agent:
             self.bodies[uid] = updated
         body["status"] = updated.get("status") or status
         body["metadata"] = updated["metadata"]  # a finalizer patch after this one must not answer 409
+
+
+def _marked_by(snapshot: DomainSnapshot, cluster: str) -> bool:
+    owner = snapshot.live_owner or snapshot.config_owner
+    return owner is not None and owner.cluster == cluster
 
 
 def _newer_or_same(held: Mapping[str, Any], incoming: Mapping[str, Any]) -> bool:
@@ -420,6 +442,8 @@ class _Run:
             await self._set_finalizer(present=kind == "add-finalizer")
         elif kind == "define":
             await self._define(then_start=step[1] if len(step) > 1 else None)
+        elif kind == "start" and self.spec is not None:
+            await self._define(then_start=action)  # a boot applies what waited for it: new overlays, grown disks
         elif kind == "start":
             await host.call(guest.start, uid, action.start_paused)
         elif kind == "stop":
@@ -445,7 +469,8 @@ class _Run:
         assert self.spec is not None
         secrets = await self._user_data()
         owner = OwnerMetadata(uid=self.ref.uid, namespace=self.ref.namespace, name=self.ref.name,
-                              generation=self.view.generation, spec_hash=self.view.spec_hash)
+                              generation=self.view.generation, spec_hash=self.view.spec_hash,
+                              cluster=self.agent.settings.cluster_id)
         host, args = self.agent.host, (self.spec, self.ref, self.agent.settings, owner, secrets.get)
         start_error = None
         if then_start is None:

@@ -25,17 +25,20 @@ import pycdlib
 import yaml
 from lxml import etree
 
+from libvirt_operator import images
 from libvirt_operator.metadata import (
     DISK_ALIAS_PREFIX, INTERFACE_ALIAS_PREFIX, OWNER_TAG, interfaces_from_domain, owner_element, owner_from_domain, parse,
     spec_name,
 )
 from libvirt_operator.model import AgentSettings, InterfaceFacts, OwnerMetadata, VMRef
-from libvirt_operator.paths import confine_spec, refuse_other_vms_disks
+from libvirt_operator.paths import confine_spec, refuse_agent_files
 from libvirt_operator.spec import (
     CloudInitSource, Disk, EmptyDiskSource, HttpSource, ImageSource, Interface, SpecError, VMSpec, VolumeSource,
 )
 
 SYS_CLASS_NET = Path("/sys/class/net")
+MIN_SIMULATED_SIZE = 1 << 20
+"""The virtual size given to overlays over the test driver's http volumes, which hold no bytes."""
 TARGET_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd"}
 UserDataLookup = Callable[[str], "str | None"]
 LIBVIRT_ERROR = libvirt.libvirtError
@@ -60,6 +63,8 @@ class ResolvedDisk:
     boot_order: int | None = None
     read_only: bool = False
     owned: bool = False
+    backing: tuple[str, str] | None = None
+    """(path, format) of the checked base under an overlay the agent made: pinned in the XML, never probed."""
 
 
 def owned_volume_name(uid: str, disk_name: str) -> str:
@@ -102,11 +107,21 @@ def _planned_disk(disk: Disk, vm: VMRef, settings: AgentSettings) -> ResolvedDis
     if isinstance(source, VolumeSource):
         return _resolved(disk, kind="volume", pool=source.pool, volume=source.name)
     if isinstance(source, ImageSource) and not source.clone:
-        guessed = "qcow2" if source.path.endswith((".qcow2", ".qcow")) else "raw"
-        return _resolved(disk, kind="file", path=source.path, format=guessed)
+        return _resolved(disk, kind="file", path=source.path, format=_named_format(source))
     if isinstance(source, CloudInitSource):
         return _resolved(disk, kind="file", path=str(in_pool / seed_volume_name(vm.uid, disk.name)), format="raw", owned=True)
-    return _resolved(disk, kind="file", path=str(in_pool / owned_volume_name(vm.uid, disk.name)), format="qcow2", owned=True)
+    backing = None
+    if isinstance(source, ImageSource):
+        backing = (source.path, _named_format(source))
+    elif isinstance(source, HttpSource):
+        backing = (str(in_pool / http_cache_name(source.sha256)), "qcow2")
+    return _resolved(disk, kind="file", path=str(in_pool / owned_volume_name(vm.uid, disk.name)), format="qcow2",
+                     owned=True, backing=backing)
+
+
+def _named_format(source: ImageSource) -> str:
+    """The spec's format, else a guess from the name: for dry runs only, which read no file."""
+    return source.format or ("qcow2" if source.path.endswith((".qcow2", ".qcow")) else "raw")
 
 
 def plan_disks(spec: VMSpec, vm: VMRef, settings: AgentSettings) -> list[ResolvedDisk]:
@@ -182,12 +197,21 @@ def _target_name(prefix: str, index: int) -> str:
     return prefix + letters
 
 
+def _backing_store(backing: tuple[str, str] | None) -> etree._Element | None:
+    """The whole chain under an overlay, ending in an empty `<backingStore/>`: libvirt probes nothing."""
+    if backing is None:
+        return None
+    path, fmt = backing
+    return _e("backingStore", _e("format", type=fmt), _e("source", file=path), _e("backingStore"), type="file")
+
+
 def _disk(disk: ResolvedDisk, target: str) -> etree._Element:
     source = _e("source", file=disk.path) if disk.kind == "file" else _e("source", pool=disk.pool, volume=disk.volume)
     return _e(
         "disk",
         _e("driver", name="qemu", type=disk.format),
         source,
+        _backing_store(disk.backing),
         _e("target", dev=target, bus=disk.bus),
         _e("boot", order=str(disk.boot_order)) if disk.boot_order else None,
         _e("readonly") if disk.read_only else None,
@@ -247,7 +271,8 @@ def render(
     spec: VMSpec, vm: VMRef, settings: AgentSettings, *, generation: int, spec_hash: str, disks: Sequence[ResolvedDisk],
 ) -> str:
     """The domain XML for `spec`; the same arguments always give the same bytes."""
-    owner = OwnerMetadata(uid=vm.uid, namespace=vm.namespace, name=vm.name, generation=generation, spec_hash=spec_hash)
+    owner = OwnerMetadata(uid=vm.uid, namespace=vm.namespace, name=vm.name, generation=generation, spec_hash=spec_hash,
+                          cluster=settings.cluster_id)
     domain_type = spec.domain_type or settings.domain_type
     memory_kib = str(-(-spec.memory // 1024))
     root = _e(
@@ -428,19 +453,6 @@ def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | N
     return _to_xml(volume)
 
 
-def image_info(path: str, field: str) -> tuple[str, int]:
-    """(format, virtual size in bytes) of a disk image, as `qemu-img info` reads it."""
-    if not Path(path).is_file():
-        raise SpecError(field, f"{path} does not exist on this node; put the image there or fix the path")
-    result = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True, timeout=60,
-    )
-    if result.returncode != 0:
-        raise SpecError(field, f"{path} is not a readable disk image: {result.stderr.strip()}")
-    info = json.loads(result.stdout)
-    return info["format"], int(info["virtual-size"])
-
-
 def seed_iso(user_data: str, meta_data: str, network_data: str | None) -> bytes:
     """A NoCloud seed: an ISO9660 volume labelled `cidata` holding user-data, meta-data, network-config."""
     files = {"user-data": user_data, "meta-data": meta_data}
@@ -493,6 +505,8 @@ class _Provisioner:
     vm: VMRef
     settings: AgentSettings
     user_data_lookup: UserDataLookup
+    domain_active: bool = False
+    """A running domain holds its owned disks open: they are replaced or grown at its next boot instead."""
     created: list[libvirt.virStorageVol] = field(default_factory=list)
     _pool: libvirt.virStoragePool | None = None
 
@@ -525,24 +539,56 @@ class _Provisioner:
                     volume.delete(0)
             raise
 
-    def overlay(self, disk: Disk, field_path: str, backing: str, backing_field: str) -> ResolvedDisk:
-        name = owned_volume_name(self.vm.uid, disk.name)
+    def owned_volume(self, name: str, field_path: str) -> tuple[libvirt.virStorageVol, images.ImageInfo] | None:
+        """An owned volume that exists, as qemu-img reads it as qcow2 (None when there is none: the test
+        driver's volumes hold no file, so they read as what they were made)."""
         volume = self.existing(name, field_path)
-        if volume is None:
-            fmt, size = image_info(backing, backing_field)
-            volume = self.create(_volume_xml(name, size, "qcow2", (backing, fmt)), field_path)
-        return _resolved(disk, kind="file", path=volume.path(), format="qcow2", owned=True)
+        if volume is None or not Path(volume.path()).exists():
+            return None if volume is None else (volume, images.ImageInfo(volume.path(), "qcow2", 0, None, None, None))
+        return volume, images.inspect(volume.path(), "qcow2", field_path)
+
+    def replaceable(self, found: tuple[libvirt.virStorageVol, images.ImageInfo] | None, fresh: bool) -> bool:
+        """Whether to (re)create an owned volume: there is none, or it is stale and no running guest holds it."""
+        if found is None:
+            return True
+        if fresh or self.domain_active:
+            return False
+        found[0].delete(0)
+        return True
+
+    def overlay(self, disk: Disk, field_path: str, base: images.ImageInfo) -> ResolvedDisk:
+        """The VM's own qcow2 over `base` (checked): a new one when the base changed, at the next boot."""
+        name = owned_volume_name(self.vm.uid, disk.name)
+        found = self.owned_volume(name, field_path)
+        simulated = found is not None and found[1].virtual_size == 0
+        if self.replaceable(found, simulated or (found is not None and images.overlay_matches(found[1], base.path, base.format))):
+            volume = self.create(_volume_xml(name, base.virtual_size, "qcow2", (base.path, base.format)), field_path)
+        else:
+            volume = found[0]
+        return _resolved(disk, kind="file", path=volume.path(), format="qcow2", owned=True,
+                         backing=(base.path, base.format))
 
     def image(self, disk: Disk, field_path: str) -> ResolvedDisk:
         source = disk.source
+        info = images.checked_image(source.path, source.format, f"{field_path}.image.path")
         if source.clone:
-            return self.overlay(disk, field_path, source.path, f"{field_path}.image.path")
-        fmt, _ = image_info(source.path, f"{field_path}.image.path")
-        return _resolved(disk, kind="file", path=source.path, format=fmt)
+            return self.overlay(disk, field_path, info)
+        return _resolved(disk, kind="file", path=source.path, format=info.format)
 
     def empty_disk(self, disk: Disk, field_path: str) -> ResolvedDisk:
-        name = owned_volume_name(self.vm.uid, disk.name)
-        volume = self.existing(name, field_path) or self.create(_volume_xml(name, disk.source.size, "qcow2"), field_path)
+        """A new qcow2 of the spec's size; one that is smaller grows at the next boot, never shrinks."""
+        name, size = owned_volume_name(self.vm.uid, disk.name), disk.source.size
+        found = self.owned_volume(name, field_path)
+        if found is None:
+            volume = self.create(_volume_xml(name, size, "qcow2"), field_path)
+        else:
+            volume, info = found
+            images.refuse_external_files(info, field_path)
+            if info.virtual_size > size:
+                raise SpecError(f"{field_path}.emptyDisk.size", f"the disk already holds {info.virtual_size} bytes, "
+                                f"more than {size}; a disk never shrinks: give at least its size")
+            if 0 < info.virtual_size < size and not self.domain_active:
+                volume.resize(size, 0)
         return _resolved(disk, kind="file", path=volume.path(), format="qcow2", owned=True)
 
     def user_data(self, source: CloudInitSource, field_path: str) -> str:
@@ -570,7 +616,10 @@ class _Provisioner:
         source = disk.source
         name = http_cache_name(source.sha256)
         cached = self.existing(name, field_path) or self.fetch(source, name, field_path)
-        return self.overlay(disk, field_path, cached.path(), f"{field_path}.http.url")
+        if not Path(cached.path()).exists():  # the test driver's volumes hold no file
+            return self.overlay(disk, field_path, images.ImageInfo(cached.path(), "raw", MIN_SIMULATED_SIZE,
+                                                                   None, None, None))
+        return self.overlay(disk, field_path, images.checked_image(cached.path(), None, f"{field_path}.http.url"))
 
     def fetch(self, source: HttpSource, name: str, field_path: str) -> libvirt.virStorageVol:
         """Downloads `source` beside the pool, checks its sha256, and only then stores it as volume `name`."""
@@ -598,9 +647,13 @@ class _Provisioner:
         if volume is None:
             raise SpecError(f"{field_path}.volume.name", f"volume {source.name!r} not found in pool {source.pool!r}; "
                             "create it first or name an existing one")
-        fmt = parse(volume.XMLDesc(0)).find("target/format")
-        return _resolved(disk, kind="volume", pool=source.pool, volume=source.name,
-                         format=fmt.get("type") if fmt is not None else None)
+        path = volume.path()
+        if not Path(path).exists():  # the test driver's volumes hold no file
+            fmt = parse(volume.XMLDesc(0)).find("target/format")
+            return _resolved(disk, kind="volume", pool=source.pool, volume=source.name,
+                             format=fmt.get("type") if fmt is not None else None)
+        info = images.checked_image(path, None, f"{field_path}.volume.name")
+        return _resolved(disk, kind="volume", pool=source.pool, volume=source.name, format=info.format)
 
     def check_interfaces(self, spec: VMSpec) -> None:
         for i, interface in enumerate(spec.interfaces):
@@ -720,7 +773,7 @@ class Definition(NamedTuple):
 
 def provision_and_define(
     conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings, *, generation: int, spec_hash: str,
-    user_data_lookup: UserDataLookup, existing_xml: str | None,
+    user_data_lookup: UserDataLookup, existing_xml: str | None, domain_active: bool = False,
 ) -> Definition:
     """Provisions the disks, renders (merged into `existing_xml` when given) and defines; returns the XML
     defined and the domain.
@@ -728,9 +781,9 @@ def provision_and_define(
     If anything fails, the volumes this call created are deleted again.
     """
     spec = confine_spec(spec, settings.allowed_roots)
-    refuse_other_vms_disks(spec, vm.uid)
+    refuse_agent_files(spec, settings)
     _check_kernel_boot(spec)
-    provisioner = _Provisioner(conn, vm, settings, user_data_lookup)
+    provisioner = _Provisioner(conn, vm, settings, user_data_lookup, domain_active)
     with provisioner.rolling_back():
         disks = provisioner.provision(spec)
         xml = render(spec, vm, settings, generation=generation, spec_hash=spec_hash, disks=disks)
@@ -751,7 +804,8 @@ def apply_definition(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings
                         "already exists on this node; remove it or rename the VirtualMachine")
     existing_xml = existing.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if existing is not None else None
     return provision_and_define(conn, spec, vm, settings, generation=owner.generation, spec_hash=owner.spec_hash,
-                                user_data_lookup=user_data_lookup, existing_xml=existing_xml).domain
+                                user_data_lookup=user_data_lookup, existing_xml=existing_xml,
+                                domain_active=existing is not None and bool(existing.isActive())).domain
 
 
 def apply_definition_and_start(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings,

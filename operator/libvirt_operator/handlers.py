@@ -44,12 +44,14 @@ def build_registry(make_agent: Callable[[], Agent]) -> kopf.OperatorRegistry:
         if agent is not None:
             await agent.stop()
 
+    # Both handlers are `async`: kopf runs a plain `def` in a worker thread, and the agent's queue,
+    # bodies and tasks belong to the event loop.
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
-    def virtual_machine_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    async def virtual_machine_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
         memo.agent.observe(event.get("type") or "ADDED", event["object"])
 
     @kopf.on.probe(id="agent", registry=registry)
-    def agent_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    async def agent_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
         agent: Agent = memo.agent
         return {"libvirtConnected": agent.host.connected, "domainsListed": agent.listed, "queued": len(agent.queue),
                 "vms": len(agent.bodies)}

@@ -616,6 +616,8 @@ class Host:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._memos = _Memos()
         self._refused_stats: set[int] = set()
+        self.cluster_id = ""
+        """This cluster's identity: domains whose mark names another cluster are foreign (none: every mark is ours)."""
 
     @property
     def connected(self) -> bool:
@@ -628,6 +630,11 @@ class Host:
     def unsubscribe(self, listener: Callable[[HostEvent], None]) -> None:
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
+
+    @property
+    def foreign_domains(self) -> int:
+        """Domains of the last listing that are not this cluster's (unmarked, or marked by another cluster)."""
+        return sum(1 for owner in self._memos.owners.values() if owner is None)
 
     def remember_owner(self, uuid: str, owner: OwnerMetadata | None) -> None:
         """Tells the Host the mark the caller just defined `uuid` with, sparing a metadata read."""
@@ -854,7 +861,7 @@ class Host:
             owner = memo.get(uuid, _UNKNOWN)
             if owner is _UNKNOWN:
                 try:
-                    owner = learned.owners[uuid] = read_owner(dom)
+                    owner = learned.owners[uuid] = metadata.belongs_to(read_owner(dom), self.cluster_id)
                 except libvirt.libvirtError as err:
                     if not _has_code(err, libvirt.VIR_ERR_NO_DOMAIN):
                         raise
@@ -922,11 +929,16 @@ class Host:
                 facts.append(found)
         return facts
 
+    def _ours(self, xml: _XmlFacts) -> _XmlFacts:
+        """`xml` with the marks of other clusters read as no mark: their domains are foreign here."""
+        return dataclasses.replace(xml, config_owner=metadata.belongs_to(xml.config_owner, self.cluster_id),
+                                   live_owner=metadata.belongs_to(xml.live_owner, self.cluster_id))
+
     def _facts(self, dom: Counted, stats: Stats, learned: _Learned, known: _XmlFacts | None) -> DomainFacts:
         uuid = dom.UUIDString()
         state = state_name(int(stats.get("state.state", 0)))
         active = state not in INACTIVE_STATES
-        xml = known or _read_xml(dom, active)
+        xml = known or self._ours(_read_xml(dom, active))
         if active and xml.interfaces and not any(nic.ip_addresses for nic in xml.interfaces):
             xml = dataclasses.replace(xml, interfaces=_with_addresses(dom, xml.interfaces))
         if xml is not known:

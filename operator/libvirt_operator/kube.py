@@ -119,6 +119,15 @@ class KubeClient:
     async def list_nodes(self) -> list[dict[str, Any]]:
         return await self._list_cluster(NODE_PLURAL)
 
+    async def cluster_identity(self) -> str:
+        """The uid of the kube-system namespace: it lives as long as the cluster (kubeadm and Cilium use it so)."""
+        try:
+            namespace = await asyncio.to_thread(self.core.read_namespace, "kube-system")
+        except ApiException as error:
+            raise RuntimeError(f"cannot read namespace kube-system ({error.status} {error.reason}), whose uid is this "
+                               "cluster's identity in every domain's mark: grant `get` on it or pass --cluster-id") from error
+        return namespace.metadata.uid
+
     async def vm_uids(self) -> set[str]:
         """The uid of every VirtualMachine in the cluster."""
         return {item["metadata"]["uid"] for item in await self._list_cluster(PLURAL)}

@@ -1,12 +1,15 @@
 """The operator's mark in a domain's XML, and the few XML facts the cache keeps.
 
 A domain is this operator's only if its `<metadata>` holds an element in the operator's
-namespace naming the VirtualMachine:
+namespace naming the VirtualMachine and the cluster (the uid of its kube-system namespace):
 
     <metadata>
       <lvo:vm xmlns:lvo="https://libvirt-operator.io/xmlns/domain/v1"
-              uid="..." namespace="..." name="..." generation="3" specHash="..."/>
+              uid="..." namespace="..." name="..." generation="3" specHash="..." cluster="..."/>
     </metadata>
+
+A mark naming another cluster is foreign (`belongs_to`). A mark without `cluster` was made before the
+attribute existed: it is this cluster's only if its VM is (uids are unique), and never an orphan.
 
 Disks and interfaces carry the spec's name as a user alias (`<alias name="ua-disk-NAME"/>`,
 `<alias name="ua-nic-NAME"/>`: libvirt wants aliases unique across all devices, and a disk and an
@@ -46,6 +49,8 @@ def owner_element(owner: OwnerMetadata) -> etree._Element:
     element.set("name", owner.name)
     element.set("generation", str(owner.generation))
     element.set("specHash", owner.spec_hash)
+    if owner.cluster:
+        element.set("cluster", owner.cluster)
     return element
 
 
@@ -65,9 +70,17 @@ def owner_from_element(element: etree._Element) -> OwnerMetadata | None:
             name=element.attrib["name"],
             generation=int(element.attrib["generation"]),
             spec_hash=element.attrib["specHash"],
+            cluster=element.get("cluster", ""),
         )
     except (KeyError, ValueError):
         return None
+
+
+def belongs_to(owner: OwnerMetadata | None, cluster: str) -> OwnerMetadata | None:
+    """`owner` if the mark may be this cluster's (its own or a mark from before cluster identities), else None."""
+    if owner is None or (cluster and owner.cluster and owner.cluster != cluster):
+        return None
+    return owner
 
 
 def parse(xml: str) -> etree._Element:

@@ -36,6 +36,8 @@ class AgentSettings:
     """How one agent is configured; passed in, never read from the environment inside Host/Guest."""
 
     libvirt_uri: str = "qemu:///system"
+    cluster_id: str = ""
+    """This cluster's identity (the uid of its kube-system namespace), written into every domain's mark."""
     node_name: str = "localhost"
     domain_type: str = "qemu"
     guest_vcpu_scheduler: str = "normal"
@@ -70,6 +72,8 @@ class OwnerMetadata:
     name: str
     generation: int
     spec_hash: str
+    cluster: str = ""
+    """The identity of the cluster whose operator made the mark; empty in marks made before it was written."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from libvirt_operator.model import AgentSettings
 from libvirt_operator.spec import ImageSource, SpecError, VMSpec, VolumeSource
 
 OWNED_NAME = re.compile(r"^(?P<uid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
@@ -36,7 +37,8 @@ def confine_spec(spec: VMSpec, roots: Iterable[Path]) -> VMSpec:
     roots = tuple(roots)
     disks = tuple(
         dataclasses.replace(
-            disk, source=ImageSource(str(confine(disk.source.path, roots, f"spec.disks[{i}].image.path")), disk.source.clone),
+            disk, source=dataclasses.replace(disk.source, path=str(confine(disk.source.path, roots,
+                                                                            f"spec.disks[{i}].image.path"))),
         )
         if isinstance(disk.source, ImageSource) else disk
         for i, disk in enumerate(spec.disks)
@@ -51,16 +53,40 @@ def confine_spec(spec: VMSpec, roots: Iterable[Path]) -> VMSpec:
     return dataclasses.replace(spec, disks=disks, kernel_boot=kernel_boot)
 
 
-def refuse_other_vms_disks(spec: VMSpec, uid: str) -> None:
-    """SpecError if an image or volume is a disk another VM owns (its clone, empty disk or seed)."""
+HTTP_CACHE_PREFIX = "http-"
+"""Bases downloaded for `http` disks (guest.http_cache_name): shared by VMs, read-only backing only."""
+
+
+def _agent_file(path: Path, settings: AgentSettings) -> str | None:
+    """What the agent keeps at `path` (a resolved path), if it is one of its own files: None otherwise."""
+    if any(_inside(path, Path(os.path.realpath(d))) for d in (settings.state_dir, settings.console_log_dir)):
+        return "a file of the agent's own (NVRAM, console logs, downloads)"
+    if path.parent == Path(os.path.realpath(settings.storage_pool_path)):
+        owner = OWNED_NAME.match(path.name)
+        if owner:
+            return f"a disk a VirtualMachine owns (uid {owner['uid']})"
+        if path.name.startswith(HTTP_CACHE_PREFIX):
+            return "a shared base the agent downloaded for http disks"
+    return None
+
+
+def refuse_agent_files(spec: VMSpec, settings: AgentSettings) -> None:
+    """SpecError if a disk, kernel or initrd is one of the agent's files: a VM's own disks, NVRAM, seed or
+    console log, or an http base (allowed only as the read-only base of a clone). `spec` is confined."""
+    named: list[tuple[str, str, bool]] = []
     for i, disk in enumerate(spec.disks):
         if isinstance(disk.source, ImageSource):
-            name, field = Path(disk.source.path).name, f"spec.disks[{i}].image.path"
-        elif isinstance(disk.source, VolumeSource):
-            name, field = disk.source.name, f"spec.disks[{i}].volume.name"
-        else:
+            named.append((disk.source.path, f"spec.disks[{i}].image.path", disk.source.clone))
+        elif isinstance(disk.source, VolumeSource) and disk.source.pool == settings.storage_pool:
+            named.append((str(settings.storage_pool_path / disk.source.name), f"spec.disks[{i}].volume.name", False))
+    if spec.kernel_boot is not None:
+        named.append((spec.kernel_boot.kernel, "spec.kernelBoot.kernel", False))
+        if spec.kernel_boot.initrd:
+            named.append((spec.kernel_boot.initrd, "spec.kernelBoot.initrd", False))
+    for path, field, clone in named:
+        resolved = Path(os.path.realpath(path))
+        what = _agent_file(resolved, settings)
+        if what is None or (clone and resolved.name.startswith(HTTP_CACHE_PREFIX)):
             continue
-        owner = OWNED_NAME.match(name)
-        if owner and owner["uid"] != uid:
-            raise SpecError(field, f"{name} is a disk of another VirtualMachine (uid {owner['uid']}); "
-                            "use an image or volume of your own")
+        raise SpecError(field, f"{path} is {what}; a VM may use only images and volumes of its own choosing, "
+                        "never the agent's files")

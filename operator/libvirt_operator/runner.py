@@ -40,6 +40,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how often every VM is looked at again")
     parser.add_argument("--relist-seconds", type=float, default=60.0,
                         help="how often the domain list is read in full, to repair missed events")
+    parser.add_argument("--cluster-id", default="",
+                        help="this cluster's identity in every domain's mark (default: the uid of namespace kube-system); "
+                             "domains marked by another cluster on the same host are never touched")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -50,7 +53,7 @@ HOST_SPARE_THREADS = 4
 def settings_from(args: argparse.Namespace) -> AgentSettings:
     defaults = AgentSettings()
     return AgentSettings(
-        libvirt_uri=args.libvirt_uri, node_name=args.node_name, domain_type=args.domain_type,
+        libvirt_uri=args.libvirt_uri, node_name=args.node_name, domain_type=args.domain_type, cluster_id=args.cluster_id,
         guest_vcpu_scheduler=args.guest_vcpu_scheduler,
         allowed_roots=tuple(args.allowed_roots or defaults.allowed_roots), storage_pool=args.storage_pool,
         state_dir=args.state_dir, console_log_dir=args.console_log_dir,

@@ -24,6 +24,7 @@ FIRMWARES = ("bios", "uefi")
 DOMAIN_TYPES = ("kvm", "qemu")
 CPU_MODES = ("host-model", "host-passthrough", "custom")
 BUSES = ("virtio", "sata", "scsi")
+IMAGE_FORMATS = ("raw", "qcow2")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 DISK_SOURCES = ("image", "emptyDisk", "cloudInit", "volume", "http")
 INTERFACE_KINDS = ("network", "bridge", "user")
@@ -82,6 +83,8 @@ class KernelBoot:
 class ImageSource:
     path: str
     clone: bool = False
+    format: str | None = None
+    """raw or qcow2 as the user says; None: what the file's contents say (never a backing file either way)."""
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,8 @@ def _kernel_boot(spec: _Object) -> KernelBoot | None:
 
 
 def _image(obj: _Object) -> ImageSource:
-    return ImageSource(path=obj.file_path("path"), clone=obj.boolean("clone", False))
+    return ImageSource(path=obj.file_path("path"), clone=obj.boolean("clone", False),
+                       format=obj.choice("format", IMAGE_FORMATS, None))
 
 
 def _empty_disk(obj: _Object) -> EmptyDiskSource:
@@ -342,7 +346,7 @@ def _http(obj: _Object) -> HttpSource:
 
 
 _SOURCE_PARSERS = {
-    "image": (_image, ("path", "clone")),
+    "image": (_image, ("path", "clone", "format")),
     "emptyDisk": (_empty_disk, ("size",)),
     "cloudInit": (_cloud_init, ("userData", "userDataSecretRef", "networkData")),
     "volume": (_volume, ("pool", "name")),

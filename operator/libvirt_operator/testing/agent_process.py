@@ -15,16 +15,21 @@ from typing import Any
 from libvirt_operator.testing.controlplane import free_port
 
 
+TRACEBACK = "Traceback (most recent call last)"
+
+
 class AgentProcess:
-    """One `libvirt-operator run` with its log in `workdir`; a context manager."""
+    """One `libvirt-operator run` with its log in `workdir`; a context manager that fails, when it closes,
+    if the agent logged a traceback (`allow_tracebacks` for a test that provokes one on purpose)."""
 
     def __init__(self, workdir: Path, kubeconfig: Path, *, libvirt_uri: str, node_name: str,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), allow_tracebacks: bool = False) -> None:
         self.workdir = workdir
         self.kubeconfig = kubeconfig
         self.libvirt_uri = libvirt_uri
         self.node_name = node_name
         self.extra_args = extra_args
+        self.allow_tracebacks = allow_tracebacks
         self.liveness_port = free_port()
         self.metrics_port = free_port()
         self.log_path = workdir / f"agent-{node_name}.log"
@@ -34,8 +39,18 @@ class AgentProcess:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.stop()
+        if exc_type is None and not self.allow_tracebacks:
+            tracebacks = self.tracebacks()
+            assert not tracebacks, f"the agent logged {len(tracebacks)} traceback(s); the first:\n{tracebacks[0]}"
+
+    def tracebacks(self, context: int = 40) -> list[str]:
+        """Each traceback in the agent's log, with the lines before it that say what failed."""
+        if not self.log_path.exists():
+            return []
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return ["\n".join(lines[max(0, i - 2):i + context]) for i, line in enumerate(lines) if TRACEBACK in line]
 
     @property
     def command(self) -> list[str]:
