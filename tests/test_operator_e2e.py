@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -365,3 +366,43 @@ def test_memory_cpu_and_firmware_changes_wait_for_a_restart_not_a_guest_reboot(
     wait_vm(kubectl, "resize", NAMESPACE, "jsonpath={.status.vcpus}=2")
     assert "Restarted" in event_reasons(kubectl, "resize", NAMESPACE)
     delete_vm(kubectl, "resize")
+
+
+def qcow2_facts(path: str) -> tuple[int, str | None]:
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", path],
+                                     capture_output=True, text=True, check=True).stdout)
+    return info["virtual-size"], info.get("backing-filename")
+
+
+def test_a_grown_empty_disk_and_a_new_base_reach_the_domain_at_the_restart(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage, tmp_path: Path) -> None:
+    """RestartRequired is true while the running guest has the old disks, and the restart applies them:
+    the empty disk grown, the clone a new overlay over the new base (the old overlay gone)."""
+    kubectl = control_plane.kubectl
+    bases = [Path("/var/lib/libvirt/images") / f"lvo-e2e-base-{n}.qcow2" for n in (1, 2)]
+    for base in bases:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "8M"], check=True)
+    try:
+        def disks(base: Path, size: str) -> list[dict]:
+            return [{"name": "root", "image": {"path": str(base), "clone": True}},
+                    {"name": "data", "emptyDisk": {"size": size}}]
+
+        vm = apply_vm(kubectl, "grow", **guest_spec(guest_image, NODE, disks=disks(bases[0], "16Mi")))
+        wait_vm(kubectl, "grow", NAMESPACE, "condition=Ready")
+        pool = Path("/var/lib/libvirt/images")
+        data, root = (str(pool / f"{vm['metadata']['uid']}-{name}.qcow2") for name in ("data", "root"))
+        assert qcow2_facts(data)[0] == 16 << 20 and qcow2_facts(root)[1] == str(bases[0])
+        kubectl("apply", "-f", "-", input=vm_manifest("grow", NAMESPACE, **guest_spec(
+            guest_image, NODE, disks=disks(bases[1], "32Mi"))))
+        wait_vm(kubectl, "grow", NAMESPACE, "condition=RestartRequired")
+        assert qcow2_facts(data)[0] == 16 << 20 and qcow2_facts(root)[1] == str(bases[0])
+        kubectl("annotate", "vm", "grow", "-n", NAMESPACE, "libvirt-operator.io/restart=1")
+        wait_vm(kubectl, "grow", NAMESPACE, "condition=RestartRequired=False", timeout=120)
+        wait_vm(kubectl, "grow", NAMESPACE, "condition=Ready")
+        assert qcow2_facts(data)[0] == 32 << 20 and qcow2_facts(root)[1] == str(bases[1])
+        live = virsh("dumpxml", domain_name("grow"))
+        assert str(bases[1]) in live and str(bases[0]) not in live
+        delete_vm(kubectl, "grow")
+    finally:
+        for base in bases:
+            base.unlink(missing_ok=True)

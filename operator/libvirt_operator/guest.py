@@ -10,11 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
-import subprocess
-import tempfile
-import urllib.error
-import urllib.request
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +22,7 @@ import pycdlib
 import yaml
 from lxml import etree
 
-from libvirt_operator import images
+from libvirt_operator import downloads, images
 from libvirt_operator.metadata import (
     DISK_ALIAS_PREFIX, INTERFACE_ALIAS_PREFIX, OWNER_TAG, interfaces_from_domain, owner_element, owner_from_domain, parse,
     spec_name,
@@ -484,19 +481,6 @@ def _upload(conn: libvirt.virConnect, volume: libvirt.virStorageVol, data: Binar
         raise
 
 
-def _download(url: str, target: Path, field: str) -> str:
-    """Streams `url` into `target`; returns its sha256."""
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, target.open("wb") as out:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-    except (OSError, urllib.error.URLError) as error:
-        raise SpecError(f"{field}.http.url", f"cannot download {url}: {error}") from error
-    return digest.hexdigest()
-
-
 @dataclass
 class _Provisioner:
     """One provisioning call: what it may touch, and the volumes it created (deleted if it fails)."""
@@ -622,20 +606,22 @@ class _Provisioner:
         return self.overlay(disk, field_path, images.checked_image(cached.path(), None, f"{field_path}.http.url"))
 
     def fetch(self, source: HttpSource, name: str, field_path: str) -> libvirt.virStorageVol:
-        """Downloads `source` beside the pool, checks its sha256, and only then stores it as volume `name`."""
-        downloads = self.settings.state_dir / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=downloads, prefix=f"{name}-", suffix=".part") as part:
-            target = Path(part.name)
-            actual = _download(source.url, target, field_path)
-            if actual != source.sha256:
-                raise SpecError(f"{field_path}.http.sha256", f"{source.url} has sha256 {actual}, not {source.sha256}; "
-                                "fix the checksum or the URL")
-            size = target.stat().st_size
-            volume = self.create(_volume_xml(name, size, "raw"), field_path)
-            with target.open("rb") as data:
-                _upload(self.conn, volume, data, size)
-        return volume
+        """Downloads `source` to a temporary file, checks it (sha256, then as an image), and only then gives it
+        the cache name `name` in the pool, by a rename: a crash or another VM never sees a partial base."""
+        settings = self.settings
+        part = downloads.download(source.url, source.sha256, settings.state_dir / "downloads",
+                                  settings.download_policy, field_path)
+        try:
+            if self.conn.getType() == "TEST":  # its pools hold no files
+                return self.create(_volume_xml(name, part.stat().st_size, "raw"), field_path)
+            images.checked_image(str(part), None, f"{field_path}.http.url")
+            staged = settings.storage_pool_path / f".{part.name}"
+            shutil.move(part, staged)  # a copy when the pool is on another file system, then the atomic rename
+            os.replace(staged, settings.storage_pool_path / name)
+        finally:
+            part.unlink(missing_ok=True)
+        self.pool(field_path).refresh(0)
+        return self.existing(name, field_path)
 
     def volume(self, disk: Disk, field_path: str) -> ResolvedDisk:
         source = disk.source

@@ -32,6 +32,16 @@ class Tuning:
 
 
 @dataclass(frozen=True)
+class DownloadPolicy:
+    """Limits on fetching `http` disk sources (downloads.py)."""
+
+    max_bytes: int
+    deadline_seconds: float
+    allowed_networks: tuple[str, ...] = ()
+    """Networks the admin allows although they are refused by default (e.g. 127.0.0.0/8 for a local mirror)."""
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     """How one agent is configured; passed in, never read from the environment inside Host/Guest."""
 
@@ -48,6 +58,14 @@ class AgentSettings:
     console_log_dir: Path = Path("/var/log/libvirt/libvirt-operator")
     ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
     ovmf_vars_template: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+    http_max_bytes: int = 64 << 30
+    http_deadline_seconds: float = 3600.0
+    http_allowed_networks: tuple[str, ...] = ()
+    """Networks http disks may be fetched from although refused by default (loopback, link-local, metadata)."""
+
+    @property
+    def download_policy(self) -> DownloadPolicy:
+        return DownloadPolicy(self.http_max_bytes, self.http_deadline_seconds, self.http_allowed_networks)
 
 
 @dataclass(frozen=True)

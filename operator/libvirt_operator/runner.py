@@ -40,6 +40,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how often every VM is looked at again")
     parser.add_argument("--relist-seconds", type=float, default=60.0,
                         help="how often the domain list is read in full, to repair missed events")
+    parser.add_argument("--http-max-bytes", type=int, default=defaults.http_max_bytes,
+                        help="largest http disk image fetched (bytes; default 64 GiB)")
+    parser.add_argument("--http-deadline-seconds", type=float, default=defaults.http_deadline_seconds,
+                        help="longest time one http disk image may take to download (default 3600)")
+    parser.add_argument("--http-allowed-network", action="append", dest="http_allowed_networks", default=[],
+                        help="a network (CIDR) http disks may be fetched from although refused by default: loopback, "
+                             "link-local and cloud metadata addresses (repeatable)")
     parser.add_argument("--cluster-id", default="",
                         help="this cluster's identity in every domain's mark (default: the uid of namespace kube-system); "
                              "domains marked by another cluster on the same host are never touched")
@@ -56,7 +63,8 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
         libvirt_uri=args.libvirt_uri, node_name=args.node_name, domain_type=args.domain_type, cluster_id=args.cluster_id,
         guest_vcpu_scheduler=args.guest_vcpu_scheduler,
         allowed_roots=tuple(args.allowed_roots or defaults.allowed_roots), storage_pool=args.storage_pool,
-        state_dir=args.state_dir, console_log_dir=args.console_log_dir,
+        state_dir=args.state_dir, console_log_dir=args.console_log_dir, http_max_bytes=args.http_max_bytes,
+        http_deadline_seconds=args.http_deadline_seconds, http_allowed_networks=tuple(args.http_allowed_networks),
     )
 
 
