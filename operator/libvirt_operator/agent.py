@@ -21,7 +21,8 @@ from kubernetes.client.exceptions import ApiException
 from libvirt_operator import guest, nodes, reconcile
 from libvirt_operator.metrics import EVENT_TO_STATUS
 from libvirt_operator.domains import DomainCache
-from libvirt_operator.host import Host, HostUnavailable
+from libvirt_operator.host import Host, HostCapacity, HostUnavailable
+from libvirt_operator.libvirt_health import NOT_RESPONDING, LibvirtHealth
 from libvirt_operator.kube import FINALIZER, KubeClient, now_iso, status_merge_patch
 from libvirt_operator.model import AgentSettings, DomainSnapshot, OwnerMetadata, Tuning, VMRef
 from libvirt_operator.spec import SpecError, VMSpec, parse_spec, spec_hash
@@ -68,6 +69,10 @@ class Agent:
         """Whether the first listing of the domains is done (and VMs are being reconciled)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._jobs: set[asyncio.Task[None]] = set()
+        self._heartbeat_lock = asyncio.Lock()
+        self.capacity: HostCapacity | None = None
+        """The host's capacity as last read; the heartbeat sends it without asking libvirt."""
+        host.health.listeners.append(self._libvirt_health_changed)
         """One-off jobs (an orphan's removal), kept referenced until done."""
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -86,6 +91,8 @@ class Agent:
         # The first heartbeat runs beside the rest: reading capacity asks every guest's QEMU,
         # which takes seconds when the guests keep the CPUs busy, and VMs need none of it.
         self._tasks = [asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.heartbeat, at_once=True)),
+                       asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.refresh_capacity,
+                                                       at_once=True)),
                        asyncio.create_task(self._reconcile_once_listed())]
 
     async def _reconcile_once_listed(self) -> None:
@@ -176,16 +183,30 @@ class Agent:
             if placement.owned or placement.pending_message:
                 self.queue.add(uid)
 
-    async def heartbeat(self) -> None:
-        """Announces this agent and its host's capacity; refreshes the list of live agents."""
+    def _libvirt_health_changed(self, health: LibvirtHealth) -> None:
+        """Every VM of the node is looked at again: Unknown while libvirt cannot be asked, the truth after."""
+        log.warning("libvirt %s: %s", health.state, health.message or "answering again")
+        for uid in self.bodies:
+            self.queue.add(uid)
+        self._background(self.heartbeat())
+
+    async def refresh_capacity(self) -> None:
         try:
-            capacity = await self.host.capacity(self.settings.storage_pool)
-            connected = True
-        except HostUnavailable:
-            capacity, connected = None, False
+            self.capacity = await self.host.capacity(self.settings.storage_pool)
+        except HostUnavailable as error:
+            log.info("capacity not read: %s", error)
+
+    async def heartbeat(self) -> None:
+        """Announces this agent, its libvirt's health and the capacity last read (never asking libvirt, so a
+        hung libvirtd cannot stop it); refreshes the list of live agents."""
+        async with self._heartbeat_lock:
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        capacity, health = self.capacity, self.host.health.current
         status: dict[str, Any] = {
             "heartbeatTime": now_iso(), "leaseDurationSeconds": nodes.LEASE_SECONDS,
-            "libvirtUri": self.settings.libvirt_uri, "connected": connected,
+            "libvirtUri": self.settings.libvirt_uri, "connected": self.host.connected, "libvirt": health.to_status(),
             "vms": sum(1 for uid in self.bodies if self._owned(self.bodies[uid])),
             "foreignDomains": self.host.foreign_domains,
         }
@@ -259,6 +280,10 @@ class Agent:
                 await self.write_status(body, _pending_status(body, placement.pending_message, self.clock()))
             return
         run = _Run(self, body)
+        health = self.host.health.current
+        if not health.answering:
+            await run.report_unknown(health)
+            return
         await run.converge()
 
 
@@ -337,6 +362,14 @@ class _Run:
                 self.spec = parse_spec(self.spec_dict)
             except SpecError as error:
                 self.problem = _stalled(error)
+
+    async def report_unknown(self, health: LibvirtHealth) -> None:
+        """What a reader can know while libvirt does not answer; nothing is done to the domain meanwhile."""
+        reason = "LibvirtNotResponding" if health.state == NOT_RESPONDING else "LibvirtUnavailable"
+        message = f"{health.message} (since {health.to_status()['since']}); the domain's state is not known"
+        status = reconcile.unknown_status(self.view, self.agent.cache.get(self.ref.uid), self.agent.clock(),
+                                          self.agent.settings.node_name, reason, message)
+        await self.agent.write_status(self.body, status)
 
     async def converge(self) -> None:
         """Acts until the domain is as the spec asks, writes the status, then posts the actions' Events

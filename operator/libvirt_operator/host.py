@@ -33,6 +33,7 @@ import libvirtaio
 from lxml import etree
 
 from libvirt_operator import METADATA_NAMESPACE, metadata
+from libvirt_operator.libvirt_health import HealthTracker
 from libvirt_operator.model import DOMAIN_STATES, InterfaceFacts, OwnerMetadata
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ _DOMAIN_EVENTS: dict[int, EventKind] = {
 if hasattr(libvirt, "VIR_DOMAIN_EVENT_ID_METADATA_CHANGE"):
     _DOMAIN_EVENTS[libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE] = "metadata"
 KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 3
+CALL_TIMEOUT_SECONDS = 30.0
 
 
 def connection_lost(err: libvirt.libvirtError) -> bool:
@@ -591,8 +593,11 @@ class Host:
     """One libvirt connection to `uri`, kept alive; see the module docstring."""
 
     def __init__(self, uri: str, *, reconnect_min: float = 0.5, reconnect_max: float = 10.0, workers: int = 8,
-                 keepalive_interval: int = KEEPALIVE_INTERVAL) -> None:
+                 keepalive_interval: int = KEEPALIVE_INTERVAL, call_timeout: float = CALL_TIMEOUT_SECONDS) -> None:
         self.uri = uri
+        self.call_timeout = call_timeout
+        """No call is waited for longer: a hung libvirtd makes the call fail and the host read NotResponding."""
+        self.health = HealthTracker(uri)
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.keepalive_interval = keepalive_interval
@@ -680,12 +685,19 @@ class Host:
         if conn is None:
             raise HostUnavailable(f"{self.uri}: not connected")
         try:
-            result = await self._run(self._in_worker, fn, args)
+            # The worker cannot be interrupted: a call libvirtd never answers keeps its thread (and that
+            # thread's connection) until it does; the agent stops waiting.
+            result = await asyncio.wait_for(self._run(self._in_worker, fn, args), self.call_timeout)
+        except TimeoutError as err:
+            self.health.not_responding(self.call_timeout, getattr(fn, "__name__", "a call"))
+            raise HostUnavailable(f"{self.uri}: no answer within {self.call_timeout:g} s") from err
         except libvirt.libvirtError as err:
             if not connection_lost(err):
+                self.health.answered()
                 raise
             self._connection_lost(conn)
             raise HostUnavailable(f"{self.uri}: {err}") from err
+        self.health.answered()
         return unwrap(result)
 
     def _in_worker(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -756,6 +768,7 @@ class Host:
 
     async def _open(self) -> None:
         self._conn, self._callback_ids = await self._run(self._connect)
+        self.health.connected()
 
     def _connect(self) -> tuple[libvirt.virConnect, list[int]]:
         self._note_opened()
@@ -813,6 +826,7 @@ class Host:
             return
         log.warning("%s: connection lost; reconnecting", self.uri)
         self._conn = None
+        self.health.disconnected("connection lost; reconnecting")
         self._notify(HostEvent("disconnected", None))
         self._reconnect_task = asyncio.create_task(self._reconnect(conn))
 

@@ -142,6 +142,10 @@ class KubeClient:
                 raise
             body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "LibvirtNode",
                     "metadata": {"name": self.node_name}}
-            await self._write("create", "libvirtnodes", self.custom.create_cluster_custom_object,
-                              API_GROUP, API_VERSION, NODE_PLURAL, body)
+            try:
+                await self._write("create", "libvirtnodes", self.custom.create_cluster_custom_object,
+                                  API_GROUP, API_VERSION, NODE_PLURAL, body)
+            except ApiException as conflict:
+                if conflict.status != 409:  # created meanwhile (by this agent's other heartbeat): fine
+                    raise
             await self.announce_node(status)

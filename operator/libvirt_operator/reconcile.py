@@ -536,3 +536,22 @@ def stats_status(stats: Mapping[str, Any]) -> dict[str, Any]:
     if "vcpu.current" in stats:
         figures["vcpus"] = int(stats["vcpu.current"])
     return figures
+
+
+def unknown_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.datetime, node_name: str,
+                   reason: str, message: str) -> dict[str, Any]:
+    """The status while libvirt cannot be asked: the last snapshot's facts, `printableStatus: Unknown` and
+    Ready `Unknown` (kstatus), the bookkeeping (restarts, lifecycle, observed generation) left as it was."""
+    status = decide(vm, snapshot, now, node_name, Problem(reason, message, stalled=False)).status
+    status["printableStatus"] = "Unknown"
+    status["ready"] = False
+    for key in ("lifecycle", "restartCount", "observedGeneration"):
+        if key in vm.status:
+            status[key] = vm.status[key]
+    before = next((c for c in vm.status.get("conditions", []) if c.get("type") == "Ready"), {})
+    for condition in status["conditions"]:
+        if condition["type"] == "Ready":
+            condition["status"] = "Unknown"
+            unchanged = before.get("status") == "Unknown"
+            condition["lastTransitionTime"] = before["lastTransitionTime"] if unchanged else format_time(now)
+    return status

@@ -47,6 +47,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-allowed-network", action="append", dest="http_allowed_networks", default=[],
                         help="a network (CIDR) http disks may be fetched from although refused by default: loopback, "
                              "link-local and cloud metadata addresses (repeatable)")
+    parser.add_argument("--libvirt-call-timeout-seconds", type=float, default=30.0,
+                        help="longest wait for one libvirt call; past it libvirt counts as not responding and the "
+                             "node's VMs read Unknown until it answers (default 30)")
     parser.add_argument("--cluster-id", default="",
                         help="this cluster's identity in every domain's mark (default: the uid of namespace kube-system); "
                              "domains marked by another cluster on the same host are never touched")
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     tuning = Tuning(workers=args.workers, resync_seconds=args.resync_seconds)
 
     def make_agent() -> Agent:
-        host = Host(settings.libvirt_uri, workers=tuning.workers + HOST_SPARE_THREADS)
+        host = Host(settings.libvirt_uri, workers=tuning.workers + HOST_SPARE_THREADS,
+                    call_timeout=args.libvirt_call_timeout_seconds)
         kube = KubeClient.from_environment("libvirt-operator", settings.node_name, args.kubeconfig and str(args.kubeconfig))
         agent = Agent(settings, kube, host, DomainCache(host, relist_interval=args.relist_seconds), tuning)
         if args.metrics_port:

@@ -156,6 +156,20 @@ def kill_libvirtd(signum: int = signal.SIGKILL) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def libvirtd_stopped() -> Iterator[None]:
+    """libvirtd SIGSTOPped (hung: connections stay open, nothing answers), SIGCONTed on leaving."""
+    pids = _pids("libvirtd")
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def restart_libvirtd(signum: int = signal.SIGKILL) -> None:
     kill_libvirtd(signum)
     start_daemons()
