@@ -28,7 +28,7 @@ GRANTED = {
     ("libvirtnodes.libvirt-operator.io/status", "", "patch"),
     ("secrets", "", "get"),
     ("events", "", "create"),
-    ("namespaces", "[kube-system]", "get"),
+    ("namespaces", "kube-system", "get"),
     ("customresourcedefinitions.apiextensions.k8s.io", "", "list watch"),
 }
 

@@ -406,3 +406,33 @@ def test_a_grown_empty_disk_and_a_new_base_reach_the_domain_at_the_restart(
     finally:
         for base in bases:
             base.unlink(missing_ok=True)
+
+
+def seed_user_data(path: str) -> bytes:
+    import io
+
+    import pycdlib
+    iso = pycdlib.PyCdlib()
+    iso.open(path)
+    try:
+        out = io.BytesIO()
+        iso.get_file_from_iso_fp(out, rr_path="/user-data")
+        return out.getvalue()
+    finally:
+        iso.close()
+
+
+def test_binary_user_data_in_a_secret_reaches_the_seed_as_it_is(
+        agent: AgentProcess, control_plane: ControlPlane, guest_image: GuestImage, tmp_path: Path) -> None:
+    """cloud-init takes gzip-compressed user data: a Secret holding it (not UTF-8) is put in the seed byte
+    for byte (it left the VM neither Ready nor Stalled, retrying a UnicodeDecodeError for good)."""
+    import gzip
+    kubectl = control_plane.kubectl
+    packed = gzip.compress(b"#cloud-config\nhostname: zipped\n")
+    (tmp_path / "userdata").write_bytes(packed)
+    kubectl("-n", NAMESPACE, "create", "secret", "generic", "zipped-userdata", f"--from-file=userdata={tmp_path / 'userdata'}")
+    vm = apply_vm(kubectl, "zipped", **guest_spec(guest_image, NODE, disks=[
+        {"name": "seed", "cloudInit": {"userDataSecretRef": {"name": "zipped-userdata"}}}]))
+    wait_vm(kubectl, "zipped", NAMESPACE, "condition=Ready")
+    assert seed_user_data(f"/var/lib/libvirt/images/{vm['metadata']['uid']}-seed-cidata.iso") == packed
+    delete_vm(kubectl, "zipped")

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from typing import Any
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator import guest, nodes, reconcile
@@ -30,6 +31,8 @@ from libvirt_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
+UNAVAILABLE = (ApiException, urllib3.exceptions.HTTPError, OSError, HostUnavailable)
+"""What an unreachable API server or libvirtd raises: expected, retried, logged without a traceback."""
 MAX_STEPS = 4
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
@@ -120,6 +123,8 @@ class Agent:
             delay = seconds
             try:
                 await job()
+            except UNAVAILABLE as error:  # the API server or libvirt is down: the next period tries again
+                log.warning("periodic %s failed: %s", getattr(job, "__name__", job), error)
             except Exception:
                 log.exception("periodic %s failed", getattr(job, "__name__", job))
 
@@ -249,11 +254,31 @@ class Agent:
                 return
             self._retry_later(uid, f"API server answered {error.status} {error.reason}",
                               quiet=error.status == 409)
+        except HostUnavailable as error:  # the health listener makes the node's VMs read Unknown
+            self._retry_later(uid, str(error))
         except Exception as error:
+            log.exception("reconcile of %s failed unexpectedly", uid)
             self._retry_later(uid, f"{type(error).__name__}: {error}")
+            await self._report_unexpected(uid, error)
         finally:
             self.reconciles += 1
             self.reconcile_seconds += time.monotonic() - began
+
+    async def _report_unexpected(self, uid: str, error: Exception) -> None:
+        """An error the agent does not expect still reaches the VM's status (Reconciling, while it retries)
+        and an Event, once per distinct message."""
+        body = self.bodies.get(uid)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        run = _Run(self, body)
+        run.problem = reconcile.Problem("ReconcileError", f"unexpected {type(error).__name__}: {error}; retrying",
+                                        stalled=False)
+        try:
+            run.report_failure()
+            await self.write_status(body, run.decide_now().status)
+            await run.post_action_events()
+        except Exception as failure:  # the API server may be what fails: the retry comes back here
+            log.warning("could not report the error of %s: %s", uid, failure)
 
     def retry_delay(self, uid: str) -> float:
         """The next delay of this VM's exponential retry backoff."""
@@ -380,7 +405,7 @@ class _Run:
             if decision is not None:
                 await self.agent.write_status(self.body, decision.status)
         finally:
-            await self._post_action_events()
+            await self.post_action_events()
         if decision is not None:
             for event in decision.events:
                 await self.agent.kube.post_event(self.body, event.type, event.reason, event.message)
@@ -413,7 +438,7 @@ class _Run:
             decision = self._decide(snapshot)
         return decision
 
-    async def _post_action_events(self) -> None:
+    async def post_action_events(self) -> None:
         events, self.action_events = self.action_events, []
         for event in events:
             await self.agent.kube.post_event(self.body, event.type, event.reason, event.message)
@@ -426,6 +451,9 @@ class _Run:
             if isinstance(error, ApiException) and error.status == 404:
                 raise
             log.info("status of %s/%s before a slow action not written: %s", self.ref.namespace, self.ref.name, error)
+
+    def decide_now(self) -> reconcile.Decision:
+        return self._decide(self.agent.cache.get(self.ref.uid))
 
     def _decide(self, snapshot: DomainSnapshot | None) -> reconcile.Decision:
         return reconcile.decide(self.view, snapshot, self.agent.clock(), self.agent.settings.node_name, self.problem)
@@ -444,7 +472,7 @@ class _Run:
         for step in _steps(actions):
             first = step[0]
             if first.kind == "remove-finalizer":
-                await self._post_action_events()  # while the VM still exists
+                await self.post_action_events()  # while the VM still exists
             try:
                 await self._execute(step, snapshot)
             except SpecError as error:
@@ -455,14 +483,14 @@ class _Run:
                 what = " and ".join(action.kind for action in step)
                 self.problem = reconcile.Problem("LibvirtError", f"{what} failed: {error}", stalled=False)
             if self.problem is not None:
-                self._report_failure()
+                self.report_failure()
                 return True
             self.action_events.extend(action.event for action in step if action.event is not None)
             if first.kind == "remove-finalizer":
                 return False
         return True
 
-    def _report_failure(self) -> None:
+    def report_failure(self) -> None:
         previous = next((c for c in self.view.status.get("conditions", []) if c.get("type") == "Ready"), {})
         if previous.get("message") != self.problem.message:
             self.action_events.append(reconcile.Event("Warning", "Failed", self.problem.message))
@@ -514,13 +542,21 @@ class _Run:
         if start_error is not None:
             raise start_error
 
-    async def _user_data(self) -> dict[str, str]:
-        """The Secrets the spec's cloudInit disks name, read with `get` only."""
-        found: dict[str, str] = {}
-        for disk in self.spec.disks if self.spec else ():
+    async def _user_data(self) -> dict[str, str | bytes]:
+        """The Secrets the spec's cloudInit disks name, read with `get` only (bytes when not UTF-8 text:
+        cloud-init takes gzip-compressed user data)."""
+        found: dict[str, str | bytes] = {}
+        for i, disk in enumerate(self.spec.disks if self.spec else ()):
             reference = getattr(disk.source, "user_data_secret", None)
             if reference and reference not in found:
-                value = await self.agent.kube.read_secret_key(self.ref.namespace, reference, "userdata")
+                try:
+                    value = await self.agent.kube.read_secret_key(self.ref.namespace, reference, "userdata")
+                except ApiException as error:
+                    if error.status not in (401, 403):
+                        raise
+                    raise SpecError(f"spec.disks[{i}].cloudInit.userDataSecretRef.name",
+                                    f"the agent may not read Secret {reference} in namespace {self.ref.namespace} "
+                                    f"({error.status} {error.reason}): its role needs `get` on Secrets") from error
                 if value is not None:
                     found[reference] = value
         return found

@@ -37,7 +37,7 @@ SYS_CLASS_NET = Path("/sys/class/net")
 MIN_SIMULATED_SIZE = 1 << 20
 """The virtual size given to overlays over the test driver's http volumes, which hold no bytes."""
 TARGET_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd"}
-UserDataLookup = Callable[[str], "str | None"]
+UserDataLookup = Callable[[str], "str | bytes | None"]
 LIBVIRT_ERROR = libvirt.libvirtError
 """What a failed libvirt call raises, for callers that must not import libvirt."""
 
@@ -450,7 +450,7 @@ def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | N
     return _to_xml(volume)
 
 
-def seed_iso(user_data: str, meta_data: str, network_data: str | None) -> bytes:
+def seed_iso(user_data: str | bytes, meta_data: str, network_data: str | None) -> bytes:
     """A NoCloud seed: an ISO9660 volume labelled `cidata` holding user-data, meta-data, network-config."""
     files = {"user-data": user_data, "meta-data": meta_data}
     if network_data is not None:
@@ -458,7 +458,7 @@ def seed_iso(user_data: str, meta_data: str, network_data: str | None) -> bytes:
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
     for name, text in files.items():
-        data = text.encode()
+        data = text if isinstance(text, bytes) else text.encode()
         iso_name = "/" + name.replace("-", "").upper()[:8] + ".;1"
         iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, joliet_path=f"/{name}")
     out = io.BytesIO()
@@ -575,7 +575,7 @@ class _Provisioner:
                 volume.resize(size, 0)
         return _resolved(disk, kind="file", path=volume.path(), format="qcow2", owned=True)
 
-    def user_data(self, source: CloudInitSource, field_path: str) -> str:
+    def user_data(self, source: CloudInitSource, field_path: str) -> str | bytes:
         if source.user_data is not None:
             return source.user_data
         user_data = self.user_data_lookup(source.user_data_secret)

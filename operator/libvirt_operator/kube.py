@@ -82,8 +82,9 @@ class KubeClient:
             API_GROUP, API_VERSION, namespace, PLURAL, name, body,
         )
 
-    async def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
-        """One Secret's key, read with `get` only (the agent never lists or watches Secrets)."""
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> str | bytes | None:
+        """One Secret's key, read with `get` only (the agent never lists or watches Secrets); text when it
+        is UTF-8, else the bytes."""
         try:
             secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
         except ApiException as error:
@@ -91,7 +92,13 @@ class KubeClient:
                 return None
             raise
         value = (secret.data or {}).get(key)
-        return None if value is None else base64.b64decode(value).decode()
+        if value is None:
+            return None
+        data = base64.b64decode(value)
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            return data
 
     async def post_event(self, involved: dict[str, Any], event_type: str, reason: str, message: str) -> None:
         meta = involved["metadata"]
