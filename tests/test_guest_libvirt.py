@@ -53,6 +53,7 @@ def settings(tmp_path: Path) -> AgentSettings:
         storage_pool=DEFAULT_POOL, storage_pool_path=DEFAULT_POOL_PATH, state_dir=tmp_path / "state",
         console_log_dir=tmp_path / "console", allowed_roots=(Path("/var/lib/libvirt"), tmp_path),
         http_allowed_networks=("127.0.0.0/8",),  # the tests' own image server
+        allowed_networks=("*",), allowed_bridges=("*",), allowed_pools=("*",), allow_user_networking=True,
     )
 
 

@@ -22,7 +22,7 @@ import pycdlib
 import yaml
 from lxml import etree
 
-from libvirt_operator import downloads, images
+from libvirt_operator import allowlist, downloads, images
 from libvirt_operator.metadata import (
     DISK_ALIAS_PREFIX, INTERFACE_ALIAS_PREFIX, OWNER_TAG, interfaces_from_domain, owner_element, owner_from_domain, parse,
     spec_name,
@@ -768,6 +768,7 @@ def provision_and_define(
     """
     spec = confine_spec(spec, settings.allowed_roots)
     refuse_agent_files(spec, settings)
+    allowlist.refuse_unlisted(spec, settings)
     _check_kernel_boot(spec)
     provisioner = _Provisioner(conn, vm, settings, user_data_lookup, domain_active)
     with provisioner.rolling_back():

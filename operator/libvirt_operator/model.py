@@ -58,6 +58,11 @@ class AgentSettings:
     console_log_dir: Path = Path("/var/log/libvirt/libvirt-operator")
     ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
     ovmf_vars_template: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+    allowed_networks: tuple[str, ...] = ("default",)
+    """libvirt networks a VM may name ("*": any); allowlist.py."""
+    allowed_bridges: tuple[str, ...] = ()
+    allowed_pools: tuple[str, ...] = ("default",)
+    allow_user_networking: bool = False
     http_max_bytes: int = 64 << 30
     http_deadline_seconds: float = 3600.0
     http_allowed_networks: tuple[str, ...] = ()

@@ -40,6 +40,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how often every VM is looked at again")
     parser.add_argument("--relist-seconds", type=float, default=60.0,
                         help="how often the domain list is read in full, to repair missed events")
+    parser.add_argument("--allowed-network", action="append", dest="allowed_networks",
+                        help="a libvirt network VMs may name (repeatable; '*': any; default: default)")
+    parser.add_argument("--allowed-bridge", action="append", dest="allowed_bridges",
+                        help="a host bridge VMs may name (repeatable; '*': any; default: none)")
+    parser.add_argument("--allowed-pool", action="append", dest="allowed_pools",
+                        help="a storage pool whose volumes VMs may name (repeatable; '*': any; default: default)")
+    parser.add_argument("--allow-user-networking", action="store_true",
+                        help="allow `user` interfaces: QEMU's user-mode network reaches this node's loopback "
+                             "services through 10.0.2.2, so only on nodes whose loopback serves nothing sensitive")
     parser.add_argument("--http-max-bytes", type=int, default=defaults.http_max_bytes,
                         help="largest http disk image fetched (bytes; default 64 GiB)")
     parser.add_argument("--http-deadline-seconds", type=float, default=defaults.http_deadline_seconds,
@@ -68,6 +77,10 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
         allowed_roots=tuple(args.allowed_roots or defaults.allowed_roots), storage_pool=args.storage_pool,
         state_dir=args.state_dir, console_log_dir=args.console_log_dir, http_max_bytes=args.http_max_bytes,
         http_deadline_seconds=args.http_deadline_seconds, http_allowed_networks=tuple(args.http_allowed_networks),
+        allowed_networks=tuple(args.allowed_networks or defaults.allowed_networks),
+        allowed_bridges=tuple(args.allowed_bridges or defaults.allowed_bridges),
+        allowed_pools=tuple(args.allowed_pools or defaults.allowed_pools),
+        allow_user_networking=args.allow_user_networking,
     )
 
 
