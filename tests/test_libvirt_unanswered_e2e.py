@@ -58,7 +58,9 @@ def test_libvirt_that_does_not_answer_makes_status_unknown_then_true_again(
     if fault == "hung":
         with libvirt_env.libvirtd_stopped():
             condition = wait_until(lambda: unknown(kubectl, name), timeout=90, what="the VM reads Unknown")
-            assert condition["reason"] == "LibvirtNotResponding" and "qemu:///system" in condition["message"]
+            # A call past the bound, or libvirt's keepalive closing the connection first: either says why.
+            assert condition["reason"] in ("LibvirtNotResponding", "LibvirtUnavailable"), condition
+            assert "qemu:///system" in condition["message"]
             assert "since" in condition["message"]
             first = node_status(kubectl)
             assert first["libvirt"]["state"] in ("NotResponding", "Disconnected"), first

@@ -31,7 +31,7 @@ from libvirt_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-UNAVAILABLE = (ApiException, urllib3.exceptions.HTTPError, OSError, HostUnavailable)
+UNAVAILABLE = (ApiException, urllib3.exceptions.HTTPError, HostUnavailable)
 """What an unreachable API server or libvirtd raises: expected, retried, logged without a traceback."""
 MAX_STEPS = 4
 RETRY_FIRST_SECONDS = 1.0
@@ -256,6 +256,8 @@ class Agent:
                               quiet=error.status == 409)
         except HostUnavailable as error:  # the health listener makes the node's VMs read Unknown
             self._retry_later(uid, str(error))
+        except urllib3.exceptions.HTTPError as error:  # the API server is unreachable: nothing to report to
+            self._retry_later(uid, f"the API server is unreachable: {error}")
         except Exception as error:
             log.exception("reconcile of %s failed unexpectedly", uid)
             self._retry_later(uid, f"{type(error).__name__}: {error}")
