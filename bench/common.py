@@ -36,7 +36,7 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 
 from e2e import VM_RESOURCES, write_counts  # noqa: E402
 from libvirt_operator.testing.agent_process import AgentProcess  # noqa: E402
-from libvirt_operator.testing.controlplane import ControlPlane  # noqa: E402
+from libvirt_operator.testing.controlplane import ControlPlane, pid_alive  # noqa: E402
 
 GROUP, VERSION, PLURAL = "libvirt-operator.io", "v1alpha1", "virtualmachines"
 TEST_DRIVER_URI = "test:///default"
@@ -336,20 +336,12 @@ def exit_on_signals() -> None:
         signal.signal(signum, leave)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def reap_stale_runs(tmp: Path = Path(tempfile.gettempdir())) -> list[str]:
     """Stops the processes of earlier runs that could not clean up (SIGKILL), and removes their workdirs."""
     reaped = []
     for workdir in tmp.glob(f"{WORKDIR_PREFIX}*"):
         owner = workdir / OWNER_FILE
-        if owner.exists() and _alive(int(owner.read_text() or 0)):
+        if owner.exists() and pid_alive(int(owner.read_text() or 0)):
             continue
         for line in subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout.splitlines():
             pid, _, args = line.strip().partition(" ")

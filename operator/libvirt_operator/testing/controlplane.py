@@ -186,7 +186,7 @@ class ControlPlane:
             try:
                 finished, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                finished = 0 if _alive(pid) else pid
+                finished = 0 if pid_alive(pid) else pid
             if finished:
                 return
             time.sleep(0.05)
@@ -277,7 +277,7 @@ class KubectlError(subprocess.CalledProcessError):
         return f"{super().__str__()}\n{self.stderr}"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
