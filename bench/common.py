@@ -251,9 +251,9 @@ class Bench:
                      extra_args=tuple(extra))
         if profile is not None:
             agent.profile = profile  # type: ignore[attr-defined]
-        agent.start(timeout=120)
-        if agent not in self.agents:
+        if agent not in self.agents:  # before it starts: a SIGTERM meanwhile must stop it too
             self.agents.append(agent)
+        agent.start(timeout=120)
         return agent
 
     def api_writes(self) -> Counter[tuple[str, str]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +18,13 @@ from test_crd_admission import NAMESPACE, Kubectl, manifest, vm_crd
 
 pytestmark = pytest.mark.e2e
 POLICY = Path(__file__).parent.parent / "crds" / "virtualmachine-updates.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_vm_left_behind(vm_crd: Kubectl) -> Iterator[None]:
+    """Agents of later modules would take the VMs made here (those without nodeName) as theirs."""
+    yield
+    vm_crd("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=60s", timeout=90, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -170,9 +170,9 @@ class Agent:
     async def remove_orphan(self, uid: str) -> None:
         """A VM deleted without its finalizer having run (removed by hand): its domain and disks go too."""
         try:
-            deleted = await self.host.call(guest.undefine_and_delete, uid, self.settings)
-            log.warning("VM %s was deleted without the operator's finalizer; removed its domain and volumes %s",
-                        uid, deleted)
+            removed = await self.host.call(guest.undefine_and_delete, uid, self.settings)
+            if removed:  # nothing when the finalizer had removed it all and the cache had not heard yet
+                log.warning("VM %s was deleted without the operator's finalizer; removed %s", uid, ", ".join(removed))
         except (HostUnavailable, guest.LIBVIRT_ERROR) as error:
             log.warning("could not remove the orphaned domain %s: %s", uid, error)
 

@@ -809,12 +809,15 @@ def apply_definition_and_start(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef
 
 
 def undefine_and_delete(conn: libvirt.virConnect, uuid: str, settings: AgentSettings) -> list[str]:
-    """Destroys and undefines the domain if it exists, then deletes the volumes it owns."""
+    """Destroys and undefines the domain if it exists, then deletes the volumes it owns; returns what it
+    removed (`domain NAME` first, when there was one, then the volumes)."""
     dom = _lookup(lambda: conn.lookupByUUIDString(uuid), libvirt.VIR_ERR_NO_DOMAIN)
+    removed = []
     if dom is not None:
+        removed.append(f"domain {dom.name()}")
         _unless_already(not dom.isActive(), dom.destroy)
         undefine(conn, dom)
-    return delete_owned_volumes(conn, uuid, settings)
+    return removed + delete_owned_volumes(conn, uuid, settings)
 
 
 def _domain(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain:
