@@ -158,16 +158,21 @@ def _cputune(spec: VMSpec, settings: AgentSettings) -> etree._Element | None:
 
 
 def _os(spec: VMSpec, vm: VMRef, settings: AgentSettings) -> etree._Element:
+    """UEFI through libvirt's firmware autoselection (the host's firmware descriptors say where OVMF is),
+    without Secure Boot: the guest's own kernels, and direct kernel boot, are not signed for it."""
     uefi = spec.firmware == "uefi"
     kernel = spec.kernel_boot
+    no_secure_boot = _e("firmware", _e("feature", enabled="no", name="secure-boot"),
+                        _e("feature", enabled="no", name="enrolled-keys"))
     return _e(
         "os",
         _e("type", text="hvm", arch="x86_64", machine="q35"),
-        _e("loader", text=str(settings.ovmf_code), readonly="yes", type="pflash") if uefi else None,
-        _e("nvram", text=str(nvram_path(vm.uid, settings)), template=str(settings.ovmf_vars_template)) if uefi else None,
+        no_secure_boot if uefi else None,
+        _e("nvram", text=str(nvram_path(vm.uid, settings))) if uefi else None,
         _e("kernel", text=kernel.kernel) if kernel else None,
         _e("initrd", text=kernel.initrd) if kernel and kernel.initrd else None,
         _e("cmdline", text=kernel.cmdline) if kernel and kernel.cmdline else None,
+        firmware="efi" if uefi else None,
     )
 
 

@@ -56,8 +56,6 @@ class AgentSettings:
     storage_pool_path: Path = Path("/var/lib/libvirt/images")
     state_dir: Path = Path("/var/lib/libvirt/libvirt-operator")
     console_log_dir: Path = Path("/var/log/libvirt/libvirt-operator")
-    ovmf_code: Path = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-    ovmf_vars_template: Path = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
     allowed_networks: tuple[str, ...] = ("default",)
     """libvirt networks a VM may name ("*": any); allowlist.py."""
     allowed_bridges: tuple[str, ...] = ()
