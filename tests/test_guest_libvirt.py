@@ -52,7 +52,8 @@ def settings(tmp_path: Path) -> AgentSettings:
     return AgentSettings(
         storage_pool=DEFAULT_POOL, storage_pool_path=DEFAULT_POOL_PATH, state_dir=tmp_path / "state",
         console_log_dir=tmp_path / "console", allowed_roots=(Path("/var/lib/libvirt"), tmp_path),
-        http_allowed_networks=("127.0.0.0/8",),  # the tests' own image server
+        download_policy=dataclasses.replace(AgentSettings().download_policy,
+                                            allowed_networks=("127.0.0.0/8",)),  # the tests' own image server
         allowed_networks=("*",), allowed_bridges=("*",), allowed_pools=("*",), allow_user_networking=True,
     )
 

@@ -72,11 +72,11 @@ class Agent:
         """Whether the first listing of the domains is done (and VMs are being reconciled)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._jobs: set[asyncio.Task[None]] = set()
+        """One-off jobs (an orphan's removal, a heartbeat on a change of libvirt's health), kept referenced until done."""
         self._heartbeat_lock = asyncio.Lock()
         self.capacity: HostCapacity | None = None
         """The host's capacity as last read; the heartbeat sends it without asking libvirt."""
         host.health.listeners.append(self._libvirt_health_changed)
-        """One-off jobs (an orphan's removal), kept referenced until done."""
 
     # --- lifecycle ---------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from lxml import etree
 
 from libvirt_operator import METADATA_NAMESPACE, metadata
 from libvirt_operator.libvirt_health import HealthTracker
-from libvirt_operator.model import DOMAIN_STATES, InterfaceFacts, OwnerMetadata
+from libvirt_operator.model import DOMAIN_STATES, InterfaceFacts, OwnerMetadata, Tuning
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,6 @@ _DOMAIN_EVENTS: dict[int, EventKind] = {
 if hasattr(libvirt, "VIR_DOMAIN_EVENT_ID_METADATA_CHANGE"):
     _DOMAIN_EVENTS[libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE] = "metadata"
 KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 3
-CALL_TIMEOUT_SECONDS = 30.0
 
 
 def connection_lost(err: libvirt.libvirtError) -> bool:
@@ -593,7 +592,8 @@ class Host:
     """One libvirt connection to `uri`, kept alive; see the module docstring."""
 
     def __init__(self, uri: str, *, reconnect_min: float = 0.5, reconnect_max: float = 10.0, workers: int = 8,
-                 keepalive_interval: int = KEEPALIVE_INTERVAL, call_timeout: float = CALL_TIMEOUT_SECONDS) -> None:
+                 keepalive_interval: int = KEEPALIVE_INTERVAL,
+                 call_timeout: float = Tuning.libvirt_call_timeout_seconds) -> None:
         self.uri = uri
         self.call_timeout = call_timeout
         """No call is waited for longer: a hung libvirtd makes the call fail and the host read NotResponding."""

@@ -29,6 +29,8 @@ class Tuning:
     heartbeat_seconds: float = 20.0
     stats_seconds: float = 600.0
     stalled_retry_seconds: float = 60.0
+    libvirt_call_timeout_seconds: float = 30.0
+    """No libvirt call is waited for longer: past it libvirt counts as not responding (libvirt_health.py)."""
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,7 @@ class AgentSettings:
     allowed_bridges: tuple[str, ...] = ()
     allowed_pools: tuple[str, ...] = ("default",)
     allow_user_networking: bool = False
-    http_max_bytes: int = 64 << 30
-    http_deadline_seconds: float = 3600.0
-    http_allowed_networks: tuple[str, ...] = ()
-    """Networks http disks may be fetched from although refused by default (loopback, link-local, metadata)."""
-
-    @property
-    def download_policy(self) -> DownloadPolicy:
-        return DownloadPolicy(self.http_max_bytes, self.http_deadline_seconds, self.http_allowed_networks)
+    download_policy: DownloadPolicy = DownloadPolicy(max_bytes=64 << 30, deadline_seconds=3600.0)
 
 
 @dataclass(frozen=True)

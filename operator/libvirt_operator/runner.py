@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from libvirt_operator.model import VCPU_SCHEDULERS, AgentSettings, Tuning
+from libvirt_operator.model import VCPU_SCHEDULERS, AgentSettings, DownloadPolicy, Tuning
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,14 +49,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-user-networking", action="store_true",
                         help="allow `user` interfaces: QEMU's user-mode network reaches this node's loopback "
                              "services through 10.0.2.2, so only on nodes whose loopback serves nothing sensitive")
-    parser.add_argument("--http-max-bytes", type=int, default=defaults.http_max_bytes,
+    parser.add_argument("--http-max-bytes", type=int, default=defaults.download_policy.max_bytes,
                         help="largest http disk image fetched (bytes; default 64 GiB)")
-    parser.add_argument("--http-deadline-seconds", type=float, default=defaults.http_deadline_seconds,
+    parser.add_argument("--http-deadline-seconds", type=float, default=defaults.download_policy.deadline_seconds,
                         help="longest time one http disk image may take to download (default 3600)")
     parser.add_argument("--http-allowed-network", action="append", dest="http_allowed_networks", default=[],
                         help="a network (CIDR) http disks may be fetched from although refused by default: loopback, "
                              "link-local and cloud metadata addresses (repeatable)")
-    parser.add_argument("--libvirt-call-timeout-seconds", type=float, default=30.0,
+    parser.add_argument("--libvirt-call-timeout-seconds", type=float, default=tuning.libvirt_call_timeout_seconds,
                         help="longest wait for one libvirt call; past it libvirt counts as not responding and the "
                              "node's VMs read Unknown until it answers (default 30)")
     parser.add_argument("--cluster-id", default="",
@@ -75,8 +75,8 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
         libvirt_uri=args.libvirt_uri, node_name=args.node_name, domain_type=args.domain_type, cluster_id=args.cluster_id,
         guest_vcpu_scheduler=args.guest_vcpu_scheduler,
         allowed_roots=tuple(args.allowed_roots or defaults.allowed_roots), storage_pool=args.storage_pool,
-        state_dir=args.state_dir, console_log_dir=args.console_log_dir, http_max_bytes=args.http_max_bytes,
-        http_deadline_seconds=args.http_deadline_seconds, http_allowed_networks=tuple(args.http_allowed_networks),
+        state_dir=args.state_dir, console_log_dir=args.console_log_dir,
+        download_policy=DownloadPolicy(args.http_max_bytes, args.http_deadline_seconds, tuple(args.http_allowed_networks)),
         allowed_networks=tuple(args.allowed_networks or defaults.allowed_networks),
         allowed_bridges=tuple(args.allowed_bridges or defaults.allowed_bridges),
         allowed_pools=tuple(args.allowed_pools or defaults.allowed_pools),
@@ -97,11 +97,12 @@ def run(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = str(args.kubeconfig)
     settings = settings_from(args)
-    tuning = Tuning(workers=args.workers, resync_seconds=args.resync_seconds)
+    tuning = Tuning(workers=args.workers, resync_seconds=args.resync_seconds,
+                    libvirt_call_timeout_seconds=args.libvirt_call_timeout_seconds)
 
     def make_agent() -> Agent:
         host = Host(settings.libvirt_uri, workers=tuning.workers + HOST_SPARE_THREADS,
-                    call_timeout=args.libvirt_call_timeout_seconds)
+                    call_timeout=tuning.libvirt_call_timeout_seconds)
         kube = KubeClient.from_environment("libvirt-operator", settings.node_name, args.kubeconfig and str(args.kubeconfig))
         agent = Agent(settings, kube, host, DomainCache(host, relist_interval=args.relist_seconds), tuning)
         if args.metrics_port:
