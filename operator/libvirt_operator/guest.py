@@ -486,6 +486,11 @@ def _upload(conn: libvirt.virConnect, volume: libvirt.virStorageVol, data: Binar
         raise
 
 
+def _holds_file(volume: libvirt.virStorageVol) -> bool:
+    """Whether a volume has a file to inspect; the test driver's volumes have a size but no bytes."""
+    return Path(volume.path()).exists()
+
+
 @dataclass
 class _Provisioner:
     """One provisioning call: what it may touch, and the volumes it created (deleted if it fails)."""
@@ -528,32 +533,25 @@ class _Provisioner:
                     volume.delete(0)
             raise
 
-    def owned_volume(self, name: str, field_path: str) -> tuple[libvirt.virStorageVol, images.ImageInfo] | None:
-        """An owned volume that exists, as qemu-img reads it as qcow2 (None when there is none: the test
-        driver's volumes hold no file, so they read as what they were made)."""
+    def owned_volume(self, name: str, field_path: str) -> tuple[libvirt.virStorageVol | None, images.ImageInfo | None]:
+        """The owned volume `name` if it exists, and what qemu-img reads in it as qcow2 (None when it holds no
+        file: the test driver's)."""
         volume = self.existing(name, field_path)
-        if volume is None or not Path(volume.path()).exists():
-            return None if volume is None else (volume, images.ImageInfo(volume.path(), "qcow2", 0, None, None, None))
+        if volume is None or not _holds_file(volume):
+            return volume, None
         return volume, images.inspect(volume.path(), "qcow2", field_path)
 
-    def replaceable(self, found: tuple[libvirt.virStorageVol, images.ImageInfo] | None, fresh: bool) -> bool:
-        """Whether to (re)create an owned volume: there is none, or it is stale and no running guest holds it."""
-        if found is None:
-            return True
-        if fresh or self.domain_active:
-            return False
-        found[0].delete(0)
-        return True
-
     def overlay(self, disk: Disk, field_path: str, base: images.ImageInfo) -> ResolvedDisk:
-        """The VM's own qcow2 over `base` (checked): a new one when the base changed, at the next boot."""
+        """The VM's own qcow2 over `base` (checked): a new one when the base changed, at the next boot (a
+        running guest holds the old one)."""
         name = owned_volume_name(self.vm.uid, disk.name)
-        found = self.owned_volume(name, field_path)
-        simulated = found is not None and found[1].virtual_size == 0
-        if self.replaceable(found, simulated or (found is not None and images.overlay_matches(found[1], base.path, base.format))):
+        volume, info = self.owned_volume(name, field_path)
+        stale = info is not None and not images.overlay_matches(info, base.path, base.format)
+        if volume is not None and stale and not self.domain_active:
+            volume.delete(0)
+            volume = None
+        if volume is None:
             volume = self.create(_volume_xml(name, base.virtual_size, "qcow2", (base.path, base.format)), field_path)
-        else:
-            volume = found[0]
         return _resolved(disk, kind="file", path=volume.path(), format="qcow2", owned=True,
                          backing=(base.path, base.format))
 
@@ -567,16 +565,15 @@ class _Provisioner:
     def empty_disk(self, disk: Disk, field_path: str) -> ResolvedDisk:
         """A new qcow2 of the spec's size; one that is smaller grows at the next boot, never shrinks."""
         name, size = owned_volume_name(self.vm.uid, disk.name), disk.source.size
-        found = self.owned_volume(name, field_path)
-        if found is None:
+        volume, info = self.owned_volume(name, field_path)
+        if volume is None:
             volume = self.create(_volume_xml(name, size, "qcow2"), field_path)
-        else:
-            volume, info = found
+        elif info is not None:
             images.refuse_external_files(info, field_path)
             if info.virtual_size > size:
                 raise SpecError(f"{field_path}.emptyDisk.size", f"the disk already holds {info.virtual_size} bytes, "
                                 f"more than {size}; a disk never shrinks: give at least its size")
-            if 0 < info.virtual_size < size and not self.domain_active:
+            if info.virtual_size < size and not self.domain_active:
                 volume.resize(size, 0)
         return _resolved(disk, kind="file", path=volume.path(), format="qcow2", owned=True)
 
@@ -605,7 +602,7 @@ class _Provisioner:
         source = disk.source
         name = http_cache_name(source.sha256)
         cached = self.existing(name, field_path) or self.fetch(source, name, field_path)
-        if not Path(cached.path()).exists():  # the test driver's volumes hold no file
+        if not _holds_file(cached):
             return self.overlay(disk, field_path, images.ImageInfo(cached.path(), "raw", MIN_SIMULATED_SIZE,
                                                                    None, None, None))
         return self.overlay(disk, field_path, images.checked_image(cached.path(), None, f"{field_path}.http.url"))
@@ -638,12 +635,11 @@ class _Provisioner:
         if volume is None:
             raise SpecError(f"{field_path}.volume.name", f"volume {source.name!r} not found in pool {source.pool!r}; "
                             "create it first or name an existing one")
-        path = volume.path()
-        if not Path(path).exists():  # the test driver's volumes hold no file
+        if not _holds_file(volume):
             fmt = parse(volume.XMLDesc(0)).find("target/format")
             return _resolved(disk, kind="volume", pool=source.pool, volume=source.name,
                              format=fmt.get("type") if fmt is not None else None)
-        info = images.checked_image(path, None, f"{field_path}.volume.name")
+        info = images.checked_image(volume.path(), None, f"{field_path}.volume.name")
         return _resolved(disk, kind="volume", pool=source.pool, volume=source.name, format=info.format)
 
     def check_interfaces(self, spec: VMSpec) -> None:
@@ -659,6 +655,9 @@ class _Provisioner:
                 raise SpecError(field_path, f"bridge {interface.source!r} not found {where}; create it or name another")
 
     def provision(self, spec: VMSpec) -> list[ResolvedDisk]:
+        """The volumes behind `spec`'s disks (its paths confined), once it names nothing the agent forbids."""
+        refuse_agent_files(spec, self.settings)
+        allowlist.refuse_unlisted(spec, self.settings)
         self.check_interfaces(spec)
         by_source = {
             ImageSource: self.image, EmptyDiskSource: self.empty_disk, CloudInitSource: self.cloud_init,
@@ -772,8 +771,6 @@ def provision_and_define(
     If anything fails, the volumes this call created are deleted again.
     """
     spec = confine_spec(spec, settings.allowed_roots)
-    refuse_agent_files(spec, settings)
-    allowlist.refuse_unlisted(spec, settings)
     _check_kernel_boot(spec)
     provisioner = _Provisioner(conn, vm, settings, user_data_lookup, domain_active)
     with provisioner.rolling_back():
