@@ -116,6 +116,7 @@ def test_loopback_link_local_and_metadata_addresses_are_refused_before_any_conne
 @pytest.mark.parametrize(("url", "said"), [
     ("ftp://images.example/x", "only http:// and https://"), ("file:///etc/shadow", "only http:// and https://"),
     ("http://images.example/a b.qcow2", "white space"), ("http://[::1/x", "not a valid URL"),
+    ("http://" + "a" * 64 + ".example/x", "cannot resolve"),
 ])
 def test_other_schemes_and_malformed_urls_are_refused(url: str, said: str, tmp_path: Path) -> None:
     with pytest.raises(SpecError) as error:
@@ -127,3 +128,10 @@ def test_an_allowed_network_may_be_fetched_from(server: str, tmp_path: Path) -> 
     with pytest.raises(SpecError):
         fetch(f"{server}/image", tmp_path, DEFAULTS)
     assert fetch(f"{server}/image", tmp_path, LOOPBACK_ALLOWED).read_bytes() == BODY
+
+
+def test_a_path_that_is_not_ascii_is_refused_naming_the_field(server: str, tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as error:
+        fetch(f"{server}/ïmage", tmp_path)
+    assert error.value.field == "spec.disks[2].http.url" and "cannot download" in error.value.message
+    assert list(tmp_path.iterdir()) == []

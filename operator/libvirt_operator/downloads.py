@@ -60,7 +60,7 @@ def resolve(url: str, policy: DownloadPolicy, field: str) -> tuple[urllib.parse.
     try:
         infos = socket.getaddrinfo(parts.hostname, port or (443 if parts.scheme == "https" else 80),
                                    type=socket.SOCK_STREAM)
-    except OSError as error:
+    except (OSError, UnicodeError) as error:  # UnicodeError: a label IDNA cannot encode (over 63 characters, say)
         raise SpecError(field, f"cannot resolve {parts.hostname}: {error}") from error
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     for address in addresses:
@@ -142,7 +142,7 @@ def _fetch_into(out: object, parts: urllib.parse.SplitResult, address: IPAddress
     except TimeoutError as error:
         raise SpecError(field, f"{url} took longer than {policy.deadline_seconds:.0f} s, the agent's "
                         "--http-deadline-seconds") from error
-    except (OSError, http.client.HTTPException) as error:
+    except (OSError, http.client.HTTPException, UnicodeError) as error:  # UnicodeError: a non-ASCII path
         raise SpecError(field, f"cannot download {url}: {type(error).__name__}: {error}") from error
     finally:
         connection.close()
