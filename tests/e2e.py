@@ -14,6 +14,8 @@ import yaml
 
 from pathlib import Path
 
+from libvirt_operator.testing.agent_process import AgentProcess
+from libvirt_operator.testing.controlplane import ControlPlane
 from libvirt_operator.testing.libvirt_env import GuestImage
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
@@ -101,3 +103,14 @@ def install_crds(kubectl: Kubectl, namespace: str) -> None:
     kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io",
             "crd/libvirtnodes.libvirt-operator.io", "--timeout=30s")
     kubectl("create", "namespace", namespace, check=False)
+
+
+def namespace_agent(control_plane: ControlPlane, uri: str, workdir: Path, namespace: str, node: str,
+                    *extra_args: str) -> Iterator[AgentProcess]:
+    """The body of a module fixture: the CRDs and `namespace`, one agent process for `node` on `uri`; its
+    VMs deleted (finalizers run) before the agent stops."""
+    install_crds(control_plane.kubectl, namespace)
+    with AgentProcess(workdir, control_plane.admin_kubeconfig, libvirt_uri=uri, node_name=node,
+                      extra_args=extra_args) as process:
+        yield process
+        control_plane.kubectl("delete", "vm", "--all", "-n", namespace, "--timeout=120s", timeout=150, check=False)

@@ -1,57 +1,51 @@
 """An error the agent does not expect still reaches the VM's status and an Event, once per message.
 
-The reconcile is made to fail by replacing it (fault injection: the point is what happens to an error
-nobody foresaw, which no real input is known to cause); the Kubernetes side is a recorder of the
-writes the agent would send, since what is checked is their content and count.
+The agent runs in this process against the real API server; only its reconcile is replaced by one that
+raises (fault injection: the point is what happens to an error nobody foresaw, which no real input is
+known to cause).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
+from e2e import events_for, get_vm, install_crds, vm_manifest
 from libvirt_operator.agent import Agent
 from libvirt_operator.domains import DomainCache
 from libvirt_operator.host import Host
+from libvirt_operator.kube import KubeClient
 from libvirt_operator.model import AgentSettings
+from libvirt_operator.testing.controlplane import ControlPlane
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.e2e
 
-UID = "00000000-0000-4000-8000-00000000000e"
-
-
-class RecordedKube:
-    def __init__(self) -> None:
-        self.patches: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, str]] = []
-
-    async def patch_vm_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        self.patches.append(patch)
-        return {"metadata": {"uid": UID, "name": name, "namespace": namespace, "resourceVersion": "2"},
-                "status": patch}
-
-    async def post_event(self, involved: dict[str, Any], event_type: str, reason: str, message: str) -> None:
-        self.events.append((event_type, reason, message))
+NAMESPACE = "agent-errors"
+NODE = "node-errors"
 
 
-async def test_an_unexpected_error_is_reported_as_reconciling_with_a_warning_once() -> None:
-    kube = RecordedKube()
-    agent = Agent(AgentSettings(node_name="node-a"), kube, Host("test:///default"),  # type: ignore[arg-type]
-                  DomainCache(Host("test:///default")))
-    agent.bodies[UID] = {"metadata": {"uid": UID, "name": "vm", "namespace": "default", "generation": 1,
-                                      "resourceVersion": "1", "finalizers": ["libvirt-operator.io/domain"]},
-                         "spec": {"memory": "64Mi", "nodeName": "node-a"}, "status": {}}
+async def test_an_unexpected_error_is_reported_as_reconciling_with_a_warning_once(control_plane: ControlPlane) -> None:
+    kubectl = control_plane.kubectl
+    install_crds(kubectl, NAMESPACE)
+    kubectl("apply", "-f", "-", input=vm_manifest("broken", NAMESPACE, nodeName=NODE, memory="64Mi"))
+    body = get_vm(kubectl, "broken", NAMESPACE)
+    uid = body["metadata"]["uid"]
+    kube = KubeClient.from_environment("libvirt-operator", NODE, str(control_plane.admin_kubeconfig))
+    host = Host("test:///default")
+    agent = Agent(AgentSettings(node_name=NODE), kube, host, DomainCache(host))
+    agent.bodies[uid] = body
 
-    async def broken(uid: str) -> None:
+    async def broken(_uid: str) -> None:
         raise KeyError("something nobody foresaw")
 
     agent.reconcile = broken  # type: ignore[method-assign]
-    for _ in range(3):
-        await agent.reconcile_safely(UID)
-    assert len(kube.patches) == 1, kube.patches
-    conditions = {c["type"]: c for c in kube.patches[0]["conditions"]}
+    try:
+        for _ in range(3):
+            await agent.reconcile_safely(uid)
+    finally:
+        agent.queue.close()
+    assert kube.writes[("patch", "virtualmachines/status")] == 1, kube.writes
+    conditions = {c["type"]: c for c in get_vm(kubectl, "broken", NAMESPACE)["status"]["conditions"]}
     assert conditions["Reconciling"]["status"] == "True" and conditions["Reconciling"]["reason"] == "ReconcileError"
     assert "KeyError" in conditions["Ready"]["message"] and conditions["Stalled"]["status"] == "False"
-    assert [(kind, reason) for kind, reason, _ in kube.events] == [("Warning", "Failed")]
-    agent.queue.close()
+    assert [(e["type"], e["reason"]) for e in events_for(kubectl, "broken", NAMESPACE)] == [("Warning", "Failed")]
+    kubectl("delete", "vm", "broken", "-n", NAMESPACE)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e import Kubectl, get_vm, guest_spec, install_crds, virsh, vm_manifest, wait_until, wait_vm
+from e2e import Kubectl, get_vm, guest_spec, namespace_agent, virsh, vm_manifest, wait_until, wait_vm
 from libvirt_operator.testing import libvirt_env
 from libvirt_operator.testing.agent_process import AgentProcess
 from libvirt_operator.testing.controlplane import ControlPlane
@@ -26,11 +26,8 @@ NODE = "node-unanswered"
 
 @pytest.fixture(scope="module")
 def agent(control_plane: ControlPlane, system_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    install_crds(control_plane.kubectl, NAMESPACE)
-    with AgentProcess(tmp_path_factory.mktemp("unanswered"), control_plane.admin_kubeconfig, libvirt_uri=system_uri,
-                      node_name=NODE, extra_args=("--libvirt-call-timeout-seconds", "3")) as process:
-        yield process
-        control_plane.kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=120s", timeout=150, check=False)
+    yield from namespace_agent(control_plane, system_uri, tmp_path_factory.mktemp("unanswered"), NAMESPACE, NODE,
+                               "--libvirt-call-timeout-seconds", "3")
 
 
 def ready_condition(kubectl: Kubectl, name: str) -> dict:
