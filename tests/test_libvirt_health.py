@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 import pytest
@@ -45,13 +46,13 @@ def test_while_libvirt_does_not_answer_the_vm_reads_unknown_and_keeps_its_bookke
     truth = decide(view, running, T0, "node-a", None).status
     truth["restartCount"] = 2
     later = T0 + datetime.timedelta(minutes=1)
-    status = unknown_status(VMView(**{**view.__dict__, "status": truth}), running, later, "node-a",
+    status = unknown_status(dataclasses.replace(view, status=truth), running, later, "node-a",
                             "LibvirtNotResponding", "qemu:///system did not answer within 3 s")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert status["printableStatus"] == "Unknown" and status["ready"] is False
     assert ready["status"] == "Unknown" and ready["reason"] == "LibvirtNotResponding"
     assert ready["lastTransitionTime"] == "2026-01-01T00:01:00Z"
     assert status["restartCount"] == 2 and status["lifecycle"] == truth["lifecycle"]
-    again = unknown_status(VMView(**{**view.__dict__, "status": status}), running, later + datetime.timedelta(hours=1),
+    again = unknown_status(dataclasses.replace(view, status=status), running, later + datetime.timedelta(hours=1),
                            "node-a", "LibvirtNotResponding", "qemu:///system did not answer within 3 s")
     assert again == status, "a second reconcile while libvirt hangs would write again"
