@@ -14,6 +14,13 @@ fi
 for pattern in '/tmp/pytest-of-' '/tmp/lvo-bench-' '/var/tmp/libvirt-operator-demo'; do
   pkill -KILL -f -- "$pattern" 2>/dev/null && echo "clean-stale: stopped processes of $pattern"
 done
+# A killed run's domains persist in libvirtd's configuration while no libvirtd runs (a rebooted machine):
+# start it to remove them, as the suite would start it and find them.
+if command -v libvirtd >/dev/null && ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  pgrep -x libvirtd >/dev/null || libvirtd -d
+  for _ in $(seq 150); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+fi
 if virsh -c qemu:///system version >/dev/null 2>&1; then
   for uuid in $(virsh -c qemu:///system list --all --uuid); do
     if virsh -c qemu:///system dumpxml --inactive "$uuid" 2>/dev/null | grep -q 'xmlns/domain/v1'; then
