@@ -17,9 +17,9 @@ import lupa
 import pytest
 import yaml
 
-from libvirt_operator.agent import _pending_status
 from libvirt_operator.model import DomainSnapshot, OwnerMetadata
 from libvirt_operator.reconcile import Problem, VMView, decide, format_time
+from libvirt_operator.scheduler import pending_status
 
 pytestmark = pytest.mark.unit
 
@@ -71,7 +71,7 @@ def vm(strategy: str, domain: tuple[str, str] | None, *, paused: bool = False, d
 def no_agent(strategy: str) -> dict[str, Any]:
     body = {"metadata": {"name": "vm", "namespace": "default", "generation": 1},
             "spec": {"runStrategy": strategy, "memory": "64Mi", "nodeName": "node-x"}}
-    return {**body, "status": _pending_status(body, "no live agent on node node-x; see kubectl get libvirtnodes", NOW)}
+    return {**body, "status": pending_status(body, "NodeNotReady", "no live agent on node node-x; see kubectl get libvirtnodes", NOW)}
 
 
 BAD_PATH = Problem("InvalidSpec", "spec.disks[0].image.path: /etc/passwd is outside the allowed roots", True)

@@ -30,6 +30,7 @@ BOOTED = {
 LIVE_CHANGES = {
     "runStrategy": {"runStrategy": "Manual"}, "paused": {"paused": True}, "updateStrategy": {"updateStrategy": "Restart"},
     "terminationGracePeriodSeconds": {"terminationGracePeriodSeconds": 5}, "nodeName": {"nodeName": NODE},
+    "nodeSelector": {"nodeSelector": {"rack": "a"}},
 }
 BOOT_CHANGES = {
     "memory": {"memory": "128Mi"}, "cpu": {"cpu": {"sockets": 1, "cores": 2, "threads": 1}},

@@ -59,13 +59,14 @@ def test_each_agent_runs_only_its_own_vms(agents: dict[str, AgentProcess], contr
         assert f"{NAMESPACE}_{other}" not in log
 
 
-def test_without_node_name_two_live_agents_report_pending(agents: dict[str, AgentProcess], control_plane: ControlPlane) -> None:
+def test_without_node_name_a_vm_is_placed_on_one_agent(agents: dict[str, AgentProcess], control_plane: ControlPlane) -> None:
     kubectl: Kubectl = control_plane.kubectl
     kubectl("apply", "-f", "-", input=vm_manifest("anywhere", NAMESPACE, memory="64Mi"))
-    wait_vm(kubectl, "anywhere", NAMESPACE, "jsonpath={.status.printableStatus}=Pending", timeout=60)
-    stalled = next(c for c in get_vm(kubectl, "anywhere", NAMESPACE)["status"]["conditions"] if c["type"] == "Stalled")
-    assert "set spec.nodeName to one of: node-a, node-b" in stalled["message"]
-    assert "domain" not in get_vm(kubectl, "anywhere", NAMESPACE)["status"]
+    wait_vm(kubectl, "anywhere", NAMESPACE, "condition=Ready", timeout=60)
+    status = get_vm(kubectl, "anywhere", NAMESPACE)["status"]
+    assert status["nodeName"] in ("node-a", "node-b")
+    scheduled = next(c for c in status["conditions"] if c["type"] == "Scheduled")
+    assert scheduled["status"] == "True" and status["nodeName"] in scheduled["message"], scheduled
     kubectl("delete", "vm", "anywhere", "-n", NAMESPACE, "--timeout=30s")
 
 

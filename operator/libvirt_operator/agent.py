@@ -19,13 +19,16 @@ from typing import Any
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from libvirt_operator import guest, nodes, reconcile
+from libvirt_operator import allowlist, guest, nodes, placement, reconcile
+from libvirt_operator.election import Election
 from libvirt_operator.metrics import EVENT_TO_STATUS
 from libvirt_operator.domains import DomainCache
 from libvirt_operator.host import Host, HostCapacity, HostUnavailable
 from libvirt_operator.libvirt_health import NOT_RESPONDING, LibvirtHealth
 from libvirt_operator.kube import FINALIZER, KubeClient, now_iso, status_merge_patch
 from libvirt_operator.model import AgentSettings, DomainSnapshot, OwnerMetadata, Tuning, VMRef
+from libvirt_operator.nodes import Role
+from libvirt_operator.scheduler import Scheduler, owned_data_disks, pending_status
 from libvirt_operator.spec import SpecError, VMSpec, parse_spec, spec_hash
 from libvirt_operator.workqueue import WorkQueue
 
@@ -59,7 +62,10 @@ class Agent:
         self.clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
         self.bodies: dict[str, dict[str, Any]] = {}
         self.queue = WorkQueue()
-        self.live_nodes: frozenset[str] = frozenset({settings.node_name})
+        self.fleet = nodes.Fleet(settings.node_name)
+        self.ledger = placement.Ledger()
+        self.election = Election(kube, settings.placement.lease_namespace, settings.node_name)
+        self.scheduler = Scheduler(kube, self.fleet, self.ledger, self.write_status, self.clock)
         self.retries: dict[str, float] = {}
         self.stats_written: dict[str, float] = {}
         self.woken_at: dict[str, float] = {}
@@ -135,6 +141,7 @@ class Agent:
         uid = body["metadata"]["uid"]
         if event_type == "DELETED":
             self.bodies.pop(uid, None)
+            self.ledger.place(uid, None)
             self.unwritten.pop(uid, None)
             self.retries.pop(uid, None)
             self.stats_written.pop(uid, None)
@@ -145,6 +152,7 @@ class Agent:
         if held is not None and _newer_or_same(held, body):
             return
         self.bodies[uid] = dict(body)
+        self.scheduler.book(body)
         self.queue.add(uid)
 
     def _background(self, job: Coroutine[Any, Any, None]) -> None:
@@ -182,10 +190,10 @@ class Agent:
             self.queue.add(uuid)
 
     async def resync(self) -> None:
-        """Looks at every VM this agent owns or must report Pending, again."""
+        """Looks again at every VM this agent runs or holds a domain of, and at every VM while it places them."""
+        leading = self.election.leading
         for uid, body in list(self.bodies.items()):
-            placement = nodes.place(body.get("spec") or {}, self.settings.node_name, self.live_nodes)
-            if placement.owned or placement.pending_message:
+            if leading or self._owned(body) or self.cache.get(uid) is not None:
                 self.queue.add(uid)
 
     def _libvirt_health_changed(self, health: LibvirtHealth) -> None:
@@ -209,8 +217,10 @@ class Agent:
 
     async def _heartbeat(self) -> None:
         capacity, health = self.capacity, self.host.health.current
+        me = self.fleet.nodes.get(self.settings.node_name)
         status: dict[str, Any] = {
             "heartbeatTime": now_iso(), "leaseDurationSeconds": nodes.LEASE_SECONDS,
+            "state": "NotReady" if not health.answering else "Cordoned" if me is not None and me.cordoned else "Ready",
             "libvirtUri": self.settings.libvirt_uri, "connected": self.host.connected, "libvirt": health.to_status(),
             "vms": sum(1 for uid in self.bodies if self._owned(self.bodies[uid])),
             "foreignDomains": self.host.foreign_domains,
@@ -227,19 +237,46 @@ class Agent:
                 "storagePoolFree": None if capacity.storage_pool_free_bytes is None
                 else str(capacity.storage_pool_free_bytes),
             }
+            status.update(self._offer(capacity))
         await self.kube.announce_node(status)
-        if await self.refresh_live_nodes():
+        was_leading = self.election.leading
+        leading = await self.election.renew()
+        if await self.refresh_fleet() or leading != was_leading:
             await self.resync()
+        if leading:
+            await self._mark_silent_nodes()
 
-    async def refresh_live_nodes(self) -> bool:
-        """Re-reads which agents are alive (before anything is reported Pending); True if it changed."""
-        live = nodes.live_node_names(await self.kube.list_nodes(), self.clock()) | {self.settings.node_name}
-        changed = live != self.live_nodes
-        self.live_nodes = live
-        return changed
+    def _offer(self, capacity: HostCapacity) -> dict[str, Any]:
+        """What this node offers to placement: room (after the admin's ratios) and the names VMs may use."""
+        policy, settings = self.settings.placement, self.settings
+        published = placement.published(
+            policy.capacity_vcpus or capacity.vcpus, policy.capacity_memory or capacity.memory_bytes,
+            policy.cpu_allocation_ratio, policy.memory_allocation_ratio, policy.vm_memory_overhead,
+            self.ledger.taken(settings.node_name))
+        published["offers"] = {
+            "domainTypes": sorted({*capacity.domain_types, settings.domain_type}),
+            "networks": sorted(n for n in capacity.networks if allowlist.is_allowed(n, settings.allowed_networks)),
+            "bridges": list(settings.allowed_bridges),
+            "pools": sorted(p for p in capacity.pools if allowlist.is_allowed(p, settings.allowed_pools)),
+            "userNetworking": settings.allow_user_networking,
+        }
+        return published
+
+    async def refresh_fleet(self) -> bool:
+        """Re-lists the LibvirtNodes (liveness judged on this agent's clock); True if the fleet changed."""
+        return self.fleet.observe(await self.kube.list_nodes())
+
+    async def _mark_silent_nodes(self) -> None:
+        """NotReady on the LibvirtNodes whose agents stopped renewing (they cannot say it themselves)."""
+        for name, view in list(self.fleet.nodes.items()):
+            if not view.live and view.status.get("state") != "NotReady":
+                try:
+                    await self.kube.patch_node_status(name, {"state": "NotReady"})
+                except ApiException as error:
+                    log.info("could not mark LibvirtNode %s NotReady: %s", name, error)
 
     def _owned(self, body: Mapping[str, Any]) -> bool:
-        return nodes.place(body.get("spec") or {}, self.settings.node_name, self.live_nodes).owned
+        return nodes.role(body, self.fleet) in (Role.RUN, Role.RELEASE)
 
     # --- one reconcile -----------------------------------------------------------------
 
@@ -297,25 +334,35 @@ class Agent:
         body = self.bodies.get(uid)
         if body is None:
             return
-        spec = body.get("spec") or {}
-        placement = nodes.place(spec, self.settings.node_name, self.live_nodes)
-        if placement.pending_message:
-            await self.refresh_live_nodes()
-            placement = nodes.place(spec, self.settings.node_name, self.live_nodes)
-        if not placement.owned:
-            if placement.pending_message and not body["metadata"].get("deletionTimestamp"):
-                await self.write_status(body, _pending_status(body, placement.pending_message, self.clock()))
+        role = nodes.role(body, self.fleet)
+        if role is Role.REMOVE_COPY and self.cache.get(uid) is not None:
+            await self.remove_copy(body)
+        if role not in (Role.RUN, Role.RELEASE):
+            if self.election.leading:
+                await self.scheduler.duty(body)
             return
         run = _Run(self, body)
         health = self.host.health.current
         if not health.answering:
             await run.report_unknown(health)
             return
+        if role is Role.RELEASE:
+            await run.release()
+            return
         await run.converge()
 
+    async def remove_copy(self, body: Mapping[str, Any]) -> None:
+        """A domain here of a VM placed on another node since (this node was fenced): stopped and removed, and
+        nothing else touched; the VM's status belongs to the node it is placed on."""
+        uid, meta = body["metadata"]["uid"], body["metadata"]
+        removed = await self.host.call(guest.undefine_and_delete, uid, self.settings)
+        log.warning("VM %s/%s is placed on %s now: removed this node's copy (%s)", meta["namespace"], meta["name"],
+                    (body.get("status") or {}).get("nodeName"), ", ".join(removed))
 
-    async def write_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
-        """Patches status when something a reader cares about changed (stats alone wait)."""
+
+    async def write_status(self, body: dict[str, Any], status: dict[str, Any], resource_version: str | None = None) -> None:
+        """Patches status when something a reader cares about changed (stats alone wait); with
+        `resource_version`, only if the VM is still as it was then (409 otherwise)."""
         old = body.get("status") or {}
         uid = body["metadata"]["uid"]
         now = time.monotonic()
@@ -330,7 +377,7 @@ class Agent:
             return
         meta = body["metadata"]
         try:
-            updated = await self.kube.patch_vm_status(meta["namespace"], meta["name"], patch)
+            updated = await self.kube.patch_vm_status(meta["namespace"], meta["name"], patch, resource_version)
         except Exception:
             self.unwritten[uid] = status
             raise
@@ -353,17 +400,6 @@ def _newer_or_same(held: Mapping[str, Any], incoming: Mapping[str, Any]) -> bool
         return int(held["metadata"]["resourceVersion"]) >= int(incoming["metadata"]["resourceVersion"])
     except (KeyError, ValueError):
         return False
-
-
-def _pending_status(body: Mapping[str, Any], message: str, now: datetime.datetime) -> dict[str, Any]:
-    view = reconcile.VMView(name=body["metadata"]["name"], generation=body["metadata"].get("generation", 1),
-                            spec=body.get("spec") or {}, spec_hash="", status=body.get("status") or {})
-    problem = reconcile.Problem("NoAgentOnNode", message, stalled=True)
-    status = reconcile.decide(replace(view, has_finalizer=True), None, now, "", problem).status
-    status["printableStatus"] = "Pending"
-    status.pop("nodeName", None)
-    status.pop("observedGeneration", None)
-    return status
 
 
 class _Run:
@@ -397,6 +433,25 @@ class _Run:
         status = reconcile.unknown_status(self.view, self.agent.cache.get(self.ref.uid), self.agent.clock(),
                                           self.agent.settings.node_name, reason, message)
         await self.agent.write_status(self.body, status)
+
+    async def release(self) -> None:
+        """spec.nodeName names another node: the domain is stopped and removed here before that node's agent may
+        start it (status.nodeName cleared last), unless its disks hold data only this node has."""
+        target, me = self.spec_dict.get("nodeName"), self.agent.settings.node_name
+        data = owned_data_disks(self.spec) if self.spec is not None else []
+        if self.problem is None and data:
+            self.problem = _stalled(SpecError("spec.nodeName", (
+                f"moving this VM from {me} to {target} would lose {', '.join(data)}, whose data lives only on {me}, "
+                f"and live migration is not there yet; set spec.nodeName back to {me}, or delete the VM and create "
+                f"it on {target}")))
+        if self.problem is not None:
+            await self.agent.write_status(self.body, self.decide_now().status)
+            return
+        async with self.agent.cache.reads_held(self.ref.uid):
+            await self._stop(self.spec.termination_grace_period_seconds)
+            await self.agent.host.call(guest.undefine_and_delete, self.ref.uid, self.agent.settings)
+        await self.agent.write_status(self.body, pending_status(
+            self.body, "Moving", f"stopped and removed on {me}; the agent of {target} starts it", self.agent.clock()))
 
     async def converge(self) -> None:
         """Acts until the domain is as the spec asks, writes the status, then posts the actions' Events

@@ -9,7 +9,7 @@ from libvirt_operator.spec import SpecError, VMSpec, VolumeSource
 ANY = "*"
 
 
-def _allowed(name: str, allowed: tuple[str, ...]) -> bool:
+def is_allowed(name: str, allowed: tuple[str, ...]) -> bool:
     return ANY in allowed or name in allowed
 
 
@@ -31,12 +31,12 @@ def refuse_unlisted(spec: VMSpec, settings: AgentSettings) -> None:
                                 "use a network, or ask the admin for --allow-user-networking")
             continue
         flag, allowed = flags[interface.kind]
-        if not _allowed(interface.source or "", allowed):
+        if not is_allowed(interface.source or "", allowed):
             raise SpecError(field, f"{interface.kind} {interface.source!r} is not one this node allows "
                             f"({flag}: {_listed(allowed)}); use one of those or ask the admin")
     for i, disk in enumerate(spec.disks):
         source = disk.source
-        if isinstance(source, VolumeSource) and not _allowed(source.pool, settings.allowed_pools):
+        if isinstance(source, VolumeSource) and not is_allowed(source.pool, settings.allowed_pools):
             raise SpecError(f"spec.disks[{i}].volume.pool", f"storage pool {source.pool!r} is not one this node "
                             f"allows (--allowed-pool: {_listed(settings.allowed_pools)}); use one of those or ask "
                             "the admin")

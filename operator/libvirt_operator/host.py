@@ -102,6 +102,10 @@ class HostCapacity:
     memory_bytes: int
     memory_used_bytes: int
     storage_pool_free_bytes: int | None
+    domain_types: tuple[str, ...] = ()
+    networks: tuple[str, ...] = ()
+    """libvirt networks defined on the host, active or not."""
+    pools: tuple[str, ...] = ()
 
 
 STATS_NOWAIT = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
@@ -983,6 +987,9 @@ def _host_capacity(conn: Counted, pool_name: str) -> HostCapacity:
         cpu_model=caps.findtext("host/cpu/model"), vcpus=int(info[2]), vcpus_used=0,
         memory_bytes=int(info[1]) * 1024 * 1024, memory_used_bytes=0,
         storage_pool_free_bytes=_pool_free(conn, pool_name),
+        domain_types=tuple(sorted({d.get("type", "") for d in caps.findall("guest/arch/domain")})),
+        networks=tuple(sorted({*conn.listNetworks(), *conn.listDefinedNetworks()})),
+        pools=tuple(sorted({*conn.listStoragePools(), *conn.listDefinedStoragePools()})),
     )
 
 

@@ -47,6 +47,7 @@ class KubeClient:
     def __init__(self, api_client: kubernetes.client.ApiClient, component: str, node_name: str) -> None:
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.core = kubernetes.client.CoreV1Api(api_client)
+        self.coordination = kubernetes.client.CoordinationV1Api(api_client)
         self.component = component
         self.node_name = node_name
         self.writes: Counter[tuple[str, str]] = Counter()
@@ -68,11 +69,20 @@ class KubeClient:
         self.writes[(verb, resource)] += 1
         return await asyncio.to_thread(call, *args, **kwargs)
 
-    async def patch_vm_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    async def patch_vm_status(self, namespace: str, name: str, patch: dict[str, Any],
+                              resource_version: str | None = None) -> dict[str, Any]:
+        """A merge patch of the status; with `resource_version`, failing with 409 if the VM changed since."""
+        body: dict[str, Any] = {"status": patch}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
         return await self._write(
             "patch", "virtualmachines/status", self.custom.patch_namespaced_custom_object_status,
-            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": patch},
+            API_GROUP, API_VERSION, namespace, PLURAL, name, body,
         )
+
+    async def patch_node_status(self, name: str, patch: dict[str, Any]) -> None:
+        await self._write("patch", "libvirtnodes/status", self.custom.patch_cluster_custom_object_status,
+                          API_GROUP, API_VERSION, NODE_PLURAL, name, {"status": patch})
 
     async def set_finalizers(self, namespace: str, name: str, finalizers: list[str], resource_version: str) -> dict[str, Any]:
         """Replaces the finalizer list, failing with 409 if the object changed since it was read."""
@@ -156,3 +166,23 @@ class KubeClient:
                 if conflict.status != 409:  # created meanwhile (by this agent's other heartbeat): fine
                     raise
             await self.announce_node(status)
+
+    async def read_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A coordination.k8s.io Lease as a plain dict, None when there is none."""
+        try:
+            lease = await asyncio.to_thread(self.coordination.read_namespaced_lease, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return self.coordination.api_client.sanitize_for_serialization(lease)
+
+    async def write_lease(self, namespace: str, name: str, spec: dict[str, Any], resource_version: str | None) -> None:
+        """Creates the Lease (resource_version None) or replaces it, failing with 409 if it changed since read."""
+        body: dict[str, Any] = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                                "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        if resource_version is None:
+            await self._write("create", "leases", self.coordination.create_namespaced_lease, namespace, body)
+        else:
+            body["metadata"]["resourceVersion"] = resource_version
+            await self._write("update", "leases", self.coordination.replace_namespaced_lease, name, namespace, body)

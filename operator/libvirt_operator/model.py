@@ -44,6 +44,21 @@ class DownloadPolicy:
 
 
 @dataclass(frozen=True)
+class PlacementPolicy:
+    """What this node offers to placement (Nova's allocation ratios, KubeVirt's per-VM overhead)."""
+
+    cpu_allocation_ratio: float = 4.0
+    memory_allocation_ratio: float = 1.0
+    vm_memory_overhead: int = 64 << 20
+    """Memory counted per VM beyond its spec.memory (QEMU itself, its caches)."""
+    capacity_vcpus: int | None = None
+    capacity_memory: int | None = None
+    """What to count as the host's size instead of what libvirt reports (a test driver posing as a bigger host)."""
+    lease_namespace: str = "kube-system"
+    """Where the Lease electing the agent that places VMs lives."""
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     """How one agent is configured; passed in, never read from the environment inside Host/Guest."""
 
@@ -64,6 +79,7 @@ class AgentSettings:
     allowed_pools: tuple[str, ...] = ("default",)
     allow_user_networking: bool = False
     download_policy: DownloadPolicy = DownloadPolicy(max_bytes=64 << 30, deadline_seconds=3600.0)
+    placement: PlacementPolicy = PlacementPolicy()
 
 
 @dataclass(frozen=True)

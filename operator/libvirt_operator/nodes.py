@@ -1,60 +1,131 @@
-"""Which agents are alive, and which one owns a VirtualMachine.
+"""The fleet as one agent sees it: which LibvirtNodes are alive, cordoned or fenced, and which agent
+owns a VirtualMachine.
 
-Each agent renews a cluster-scoped LibvirtNode named after its node, with a heartbeat time and
-the host's capacity. Ownership is decided from that list alone, the same way by every agent,
-so two agents never both act on one VM.
+Liveness is judged on the observer's own monotonic clock, like kubelet's node Leases: a node is
+alive while this agent saw its heartbeat change within the node's lease. The writer's timestamp is
+never compared with the reader's clock.
+
+A VirtualMachine runs only on the node named by `status.nodeName` (the placement's record), and
+only while `spec.nodeName` is unset or names that same node. Every other agent keeps its hands off.
 """
 
 from __future__ import annotations
 
-import datetime
-from dataclasses import dataclass
+import enum
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 LEASE_SECONDS = 40
 
 
-def _parse_time(text: str) -> datetime.datetime:
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
-
-
-def live_node_names(nodes: list[dict[str, Any]], now: datetime.datetime) -> frozenset[str]:
-    """The names of LibvirtNodes whose heartbeat is younger than their lease."""
-    alive = set()
-    for node in nodes:
-        status = node.get("status") or {}
-        beat = status.get("heartbeatTime")
-        lease = status.get("leaseDurationSeconds", LEASE_SECONDS)
-        if beat and now - _parse_time(beat) < datetime.timedelta(seconds=lease):
-            alive.add(node["metadata"]["name"])
-    return frozenset(alive)
+@dataclass
+class _Seen:
+    heartbeat: str | None
+    changed_at: float
 
 
 @dataclass(frozen=True)
-class Placement:
-    """What this agent should do with one VM: own it, report it Pending, or leave it alone."""
+class NodeView:
+    """One LibvirtNode as listed, with what this observer judged of it."""
 
-    owned: bool
-    pending_message: str | None = None
+    name: str
+    live: bool
+    body: Mapping[str, Any]
+
+    @property
+    def status(self) -> Mapping[str, Any]:
+        return self.body.get("status") or {}
+
+    @property
+    def spec(self) -> Mapping[str, Any]:
+        return self.body.get("spec") or {}
+
+    @property
+    def cordoned(self) -> bool:
+        return bool(self.spec.get("unschedulable") or self.spec.get("drain"))
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.body.get("metadata", {}).get("labels") or {}
 
 
-def place(spec: dict[str, Any], me: str, live: frozenset[str]) -> Placement:
-    """Decides ownership from spec.nodeName and the live agents.
+@dataclass
+class Fleet:
+    """Every LibvirtNode this agent has listed, and since when each was last seen renewing."""
 
-    A VM with a nodeName belongs to that node's agent. One without belongs to the only live
-    agent, if there is exactly one. VMs no live agent can take are reported Pending by the
-    live agent whose name sorts first, and by no other.
-    """
-    wanted = spec.get("nodeName")
-    everyone = live | {me}
-    if wanted == me or (not wanted and everyone == {me}):
-        return Placement(owned=True)
-    if wanted in everyone or min(everyone) != me:
-        return Placement(owned=False)
-    if wanted:
-        message = (f"spec.nodeName is {wanted!r} but no libvirt-operator agent runs there; "
-                   f"live agents: {', '.join(sorted(everyone))}")
-    else:
-        message = (f"spec.nodeName is unset and {len(everyone)} agents are live; "
-                   f"set spec.nodeName to one of: {', '.join(sorted(everyone))}")
-    return Placement(owned=False, pending_message=message)
+    me: str
+    clock: Callable[[], float] = time.monotonic
+    nodes: dict[str, NodeView] = field(default_factory=dict)
+    _seen: dict[str, _Seen] = field(default_factory=dict)
+    _started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._started = self.clock()
+
+    def observe(self, listed: Iterable[Mapping[str, Any]]) -> bool:
+        """Takes a fresh listing; True when a node's liveness, presence or spec changed."""
+        now = self.clock()
+        before = {name: (view.live, view.spec, view.labels) for name, view in self.nodes.items()}
+        present: dict[str, NodeView] = {}
+        for body in listed:
+            name = body["metadata"]["name"]
+            beat = (body.get("status") or {}).get("heartbeatTime")
+            seen = self._seen.get(name)
+            if seen is None or seen.heartbeat != beat:
+                self._seen[name] = _Seen(beat, now)
+            present[name] = NodeView(name, self._renewed_within_lease(name, body, now) or name == self.me, body)
+        self.nodes = present
+        return before != {name: (view.live, view.spec, view.labels) for name, view in present.items()}
+
+    def _renewed_within_lease(self, name: str, body: Mapping[str, Any], now: float) -> bool:
+        lease = (body.get("status") or {}).get("leaseDurationSeconds", LEASE_SECONDS)
+        return now - self._seen[name].changed_at < lease
+
+    def live(self, name: str) -> bool:
+        view = self.nodes.get(name)
+        return view is not None and view.live
+
+    def unreachable_since(self, name: str) -> float | None:
+        """The monotonic time this observer last saw the node renew, when it is present but not live."""
+        if name in self.nodes and not self.nodes[name].live:
+            return self._seen[name].changed_at
+        return None
+
+    def fenced(self, name: str) -> bool:
+        """The admin's word that the host is gone: no LibvirtNode, and no renewal of it seen for a lease (one
+        deleted while its agent lives is recreated by the agent's next heartbeat, well within the lease)."""
+        if name in self.nodes or name == self.me:
+            return False
+        seen = self._seen.get(name)
+        last = seen.changed_at if seen is not None else self._started
+        return self.clock() - last >= LEASE_SECONDS
+
+
+class Role(enum.Enum):
+    RUN = "run"
+    """This agent runs the VM: placed here, or pinned here and not placed anywhere else."""
+    RELEASE = "release"
+    """Placed here, but spec.nodeName now names another node: stop and remove it here first."""
+    REMOVE_COPY = "remove-copy"
+    """Placed on another node (after this one was fenced): a domain here is a stale copy."""
+    NONE = "none"
+
+
+def placed_node(body: Mapping[str, Any], fleet: Fleet) -> str | None:
+    """Where the VM is placed, None when nowhere or on a fenced node."""
+    placed = (body.get("status") or {}).get("nodeName") or None
+    return None if placed is None or fleet.fenced(placed) else placed
+
+
+def role(body: Mapping[str, Any], fleet: Fleet) -> Role:
+    me = fleet.me
+    pinned = (body.get("spec") or {}).get("nodeName") or None
+    placed = placed_node(body, fleet)
+    if placed == me:
+        deleting = bool(body.get("metadata", {}).get("deletionTimestamp"))
+        return Role.RUN if pinned in (None, me) or deleting else Role.RELEASE
+    if placed is None:
+        return Role.RUN if pinned == me else Role.NONE
+    return Role.REMOVE_COPY

@@ -31,7 +31,7 @@ SHORT_RUN = datetime.timedelta(seconds=60)
 BACKOFF_FIRST_SECONDS = 10
 BACKOFF_MAX_SECONDS = 300
 STUCK_START = datetime.timedelta(seconds=30)
-CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Paused", "RestartRequired")
+CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Paused", "RestartRequired", "Scheduled")
 FAILED_SHUTOFF_REASONS = frozenset({"crashed", "destroyed", "failed", "unknown", "daemon"})
 TRANSIENT_PAUSE_REASONS = frozenset({"migration", "save", "dump", "snapshot", "starting up", "shutting down"})
 RUNNING_STATES = frozenset({"running", "blocked"})
@@ -475,6 +475,7 @@ def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.date
                    f"annotation {RESTART_ANNOTATION} to a new value; a reboot inside the guest keeps the old one)"
                    if restart_required else "",
                    vm.generation, now),
+        _scheduled_here(previous, vm, node_name, now),
     ]
     applied = _definition_current(vm, snapshot) and not plan.actions
     observed = vm.generation if applied or stalled and problem is not None else vm.status.get("observedGeneration")
@@ -497,6 +498,19 @@ def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.date
             for i in snapshot.interfaces
         ]
     return status
+
+
+def _scheduled_here(previous: Mapping[str, Mapping[str, Any]], vm: VMView, node_name: str,
+                    now: datetime.datetime) -> dict[str, Any]:
+    """Scheduled=True on the node whose agent writes this status: the placement's reason kept when it was True."""
+    before = previous.get("Scheduled") or {}
+    if before.get("status") == "True" and node_name in before.get("message", ""):
+        reason, message = before.get("reason", "Placed"), before.get("message", "")
+    elif vm.spec.get("nodeName"):
+        reason, message = "Pinned", f"spec.nodeName is {node_name}"
+    else:
+        reason, message = "Placed", f"placed on {node_name}"
+    return _condition(previous, "Scheduled", True, reason, message, vm.generation, now)
 
 
 def _vcpus(spec: Mapping[str, Any], snapshot: DomainSnapshot) -> int:

@@ -8,7 +8,8 @@ import os
 import socket
 from pathlib import Path
 
-from libvirt_operator.model import VCPU_SCHEDULERS, AgentSettings, DownloadPolicy, Tuning
+from libvirt_operator.model import VCPU_SCHEDULERS, AgentSettings, DownloadPolicy, PlacementPolicy, Tuning
+from libvirt_operator.spec import SpecError, parse_quantity
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +63,28 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-id", default="",
                         help="this cluster's identity in every domain's mark (default: the uid of namespace kube-system); "
                              "domains marked by another cluster on the same host are never touched")
+    placement = defaults.placement
+    parser.add_argument("--cpu-allocation-ratio", type=float, default=placement.cpu_allocation_ratio,
+                        help="vCPUs placed per host CPU (default 4.0)")
+    parser.add_argument("--memory-allocation-ratio", type=float, default=placement.memory_allocation_ratio,
+                        help="guest memory placed per byte of host memory (default 1.0)")
+    parser.add_argument("--vm-memory-overhead", type=_quantity, default=placement.vm_memory_overhead,
+                        help="memory counted per VM beyond spec.memory (a quantity; default 64Mi)")
+    parser.add_argument("--capacity-vcpus", type=int, default=None,
+                        help="count the host as this many CPUs instead of what libvirt reports")
+    parser.add_argument("--capacity-memory", type=_quantity, default=None,
+                        help="count the host as this much memory (a quantity) instead of what libvirt reports")
+    parser.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", placement.lease_namespace),
+                        help="namespace of the Lease electing the agent that places VMs (default $POD_NAMESPACE, "
+                             "else kube-system)")
     parser.add_argument("--log-level", default="INFO")
+
+
+def _quantity(text: str) -> int:
+    try:
+        return parse_quantity(text, "quantity")
+    except SpecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 HOST_SPARE_THREADS = 4
@@ -81,6 +103,10 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
         allowed_bridges=tuple(args.allowed_bridges or defaults.allowed_bridges),
         allowed_pools=tuple(args.allowed_pools or defaults.allowed_pools),
         allow_user_networking=args.allow_user_networking,
+        placement=PlacementPolicy(
+            cpu_allocation_ratio=args.cpu_allocation_ratio, memory_allocation_ratio=args.memory_allocation_ratio,
+            vm_memory_overhead=args.vm_memory_overhead, capacity_vcpus=args.capacity_vcpus,
+            capacity_memory=args.capacity_memory, lease_namespace=args.lease_namespace),
     )
 
 

@@ -28,7 +28,7 @@ IMAGE_FORMATS = ("raw", "qcow2")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
 DISK_SOURCES = ("image", "emptyDisk", "cloudInit", "volume", "http")
 INTERFACE_KINDS = ("network", "bridge", "user")
-RUNTIME_FIELDS = ("runStrategy", "paused", "updateStrategy", "terminationGracePeriodSeconds", "nodeName")
+RUNTIME_FIELDS = ("runStrategy", "paused", "updateStrategy", "terminationGracePeriodSeconds", "nodeName", "nodeSelector")
 """Spec fields that steer the reconciler but do not change the domain definition."""
 
 _NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
@@ -156,6 +156,8 @@ class VMSpec:
     paused: bool = False
     update_strategy: str = "OnRestart"
     node_name: str | None = None
+    node_selector: tuple[tuple[str, str], ...] = ()
+    """Labels a LibvirtNode must carry for the VM to be placed there."""
     termination_grace_period_seconds: int = 30
 
 
@@ -259,6 +261,13 @@ class _Object:
 
     def child(self, key: str, allowed: Sequence[str]) -> _Object:
         return _Object(self.raw(key, {}), self.at(key), allowed)
+
+    def labels(self, key: str) -> tuple[tuple[str, str], ...]:
+        """A map of label keys to values (as a nodeSelector), sorted."""
+        value = self.raw(key, {})
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise SpecError(self.at(key), f"must map label keys to string values, got {value!r}")
+        return tuple(sorted(value.items()))
 
     def items(self, key: str) -> list[Any]:
         value = self.raw(key, [])
@@ -399,7 +408,7 @@ def _mac(mac: str, field: str, seen: set[str]) -> str:
 
 
 SPEC_FIELDS = (
-    "runStrategy", "paused", "updateStrategy", "nodeName", "domainType", "cpu", "memory", "firmware",
+    "runStrategy", "paused", "updateStrategy", "nodeName", "nodeSelector", "domainType", "cpu", "memory", "firmware",
     "kernelBoot", "terminationGracePeriodSeconds", "disks", "interfaces", "console",
 )
 DISK_FIELDS = ("name", "bus", "bootOrder", "readOnly", *DISK_SOURCES)
@@ -434,6 +443,7 @@ def parse_spec(data: Mapping[str, Any]) -> VMSpec:
         paused=spec.boolean("paused", False),
         update_strategy=spec.choice("updateStrategy", UPDATE_STRATEGIES, "OnRestart"),
         node_name=spec.string("nodeName", None),
+        node_selector=spec.labels("nodeSelector"),
         termination_grace_period_seconds=spec.integer("terminationGracePeriodSeconds", 30),
     )
 
