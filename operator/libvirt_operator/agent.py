@@ -62,9 +62,9 @@ class Agent:
         self.clock = clock or (lambda: datetime.datetime.now(datetime.timezone.utc))
         self.bodies: dict[str, dict[str, Any]] = {}
         self.queue = WorkQueue()
-        self.fleet = nodes.Fleet(settings.node_name)
+        self.fleet = nodes.Fleet(settings.node_name, tuning.lease_seconds)
         self.ledger = placement.Ledger()
-        self.election = Election(kube, settings.placement.lease_namespace, settings.node_name)
+        self.election = Election(kube, settings.placement.lease_namespace, settings.node_name, tuning.lease_seconds)
         self.scheduler = Scheduler(kube, self.fleet, self.ledger, self.write_status, self.clock)
         self.retries: dict[str, float] = {}
         self.stats_written: dict[str, float] = {}
@@ -117,6 +117,10 @@ class Agent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.election.release()
+        except UNAVAILABLE as error:
+            log.info("the placement Lease was not given up: %s", error)
         self.queue.close()
         await self.cache.stop()
         await self.host.stop()
@@ -219,7 +223,7 @@ class Agent:
         capacity, health = self.capacity, self.host.health.current
         me = self.fleet.nodes.get(self.settings.node_name)
         status: dict[str, Any] = {
-            "heartbeatTime": now_iso(), "leaseDurationSeconds": nodes.LEASE_SECONDS,
+            "heartbeatTime": now_iso(), "leaseDurationSeconds": self.tuning.lease_seconds,
             "state": "NotReady" if not health.answering else "Cordoned" if me is not None and me.cordoned else "Ready",
             "libvirtUri": self.settings.libvirt_uri, "connected": self.host.connected, "libvirt": health.to_status(),
             "vms": sum(1 for uid in self.bodies if self._owned(self.bodies[uid])),

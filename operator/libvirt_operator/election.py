@@ -3,8 +3,8 @@ kube-controller-manager elect their leader.
 
 Every agent runs `renew` on its heartbeat. The holder renews the Lease; another agent takes it only
 after it saw no renewal for the Lease's whole duration on its own monotonic clock. The holder stops
-deciding as soon as its last successful renewal is older than RENEW_DEADLINE on its own clock, well
-before anyone else may take over.
+deciding as soon as its last successful renewal is older than three quarters of that duration on its
+own clock, before anyone else may take over.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from libvirt_operator.kube import KubeClient
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "libvirt-operator-placement"
-LEASE_SECONDS = 40
-RENEW_DEADLINE = 30.0
+RENEW_DEADLINE_SHARE = 0.75
+"""The holder stops deciding after this share of the Lease's duration without a successful renewal."""
 
 
 def _micro_time() -> str:
@@ -31,8 +31,9 @@ def _micro_time() -> str:
 
 
 class Election:
-    def __init__(self, kube: KubeClient, namespace: str, identity: str,
+    def __init__(self, kube: KubeClient, namespace: str, identity: str, lease_seconds: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.lease_seconds = lease_seconds
         self.kube = kube
         self.namespace = namespace
         self.identity = identity
@@ -43,7 +44,7 @@ class Election:
 
     @property
     def leading(self) -> bool:
-        return self._renewed_at is not None and self.clock() - self._renewed_at < RENEW_DEADLINE
+        return self._renewed_at is not None and self.clock() - self._renewed_at < self.lease_seconds * RENEW_DEADLINE_SHARE
 
     async def renew(self) -> bool:
         """One round: renew (holder), take over (an expired or missing Lease), or watch; True while leading."""
@@ -54,11 +55,11 @@ class Election:
         observed = (holder, spec.get("renewTime"))
         if observed != self._observed:
             self._observed, self._observed_at = observed, began
-        duration = int(spec.get("leaseDurationSeconds") or LEASE_SECONDS)
-        if lease is not None and holder not in (None, self.identity) and began - self._observed_at < duration:
+        duration = int(spec.get("leaseDurationSeconds") or self.lease_seconds)
+        if lease is not None and holder not in (None, "", self.identity) and began - self._observed_at < duration:
             self._renewed_at = None
             return False
-        new_spec = {"holderIdentity": self.identity, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro_time(),
+        new_spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds, "renewTime": _micro_time(),
                     "acquireTime": spec.get("acquireTime") if holder == self.identity else _micro_time(),
                     "leaseTransitions": int(spec.get("leaseTransitions") or 0) + (holder != self.identity)}
         try:
@@ -73,3 +74,18 @@ class Election:
             log.warning("this agent now places VMs (Lease %s/%s, previous holder %s)", self.namespace, LEASE_NAME, holder)
         self._renewed_at = began
         return True
+
+    async def release(self) -> None:
+        """Gives the Lease up on a clean stop, so another agent takes over at once instead of after its duration."""
+        if not self.leading:
+            return
+        self._renewed_at = None
+        lease = await self.kube.read_lease(self.namespace, LEASE_NAME)
+        spec = (lease or {}).get("spec") or {}
+        if lease is None or spec.get("holderIdentity") != self.identity:
+            return
+        try:
+            await self.kube.write_lease(self.namespace, LEASE_NAME, {**spec, "holderIdentity": ""},
+                                        lease["metadata"]["resourceVersion"])
+        except ApiException as error:
+            log.info("could not give the Lease up: %s", error)

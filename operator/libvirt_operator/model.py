@@ -27,6 +27,8 @@ class Tuning:
     workers: int = 60
     resync_seconds: float = 60.0
     heartbeat_seconds: float = 20.0
+    lease_seconds: int = 40
+    """An agent not seen renewing its LibvirtNode (or the placement Lease) for this long counts as gone."""
     stats_seconds: float = 600.0
     stalled_retry_seconds: float = 60.0
     libvirt_call_timeout_seconds: float = 30.0

@@ -56,6 +56,7 @@ class Fleet:
     """Every LibvirtNode this agent has listed, and since when each was last seen renewing."""
 
     me: str
+    lease_seconds: int = LEASE_SECONDS
     clock: Callable[[], float] = time.monotonic
     nodes: dict[str, NodeView] = field(default_factory=dict)
     _seen: dict[str, _Seen] = field(default_factory=dict)
@@ -80,7 +81,7 @@ class Fleet:
         return before != {name: (view.live, view.spec, view.labels) for name, view in present.items()}
 
     def _renewed_within_lease(self, name: str, body: Mapping[str, Any], now: float) -> bool:
-        lease = (body.get("status") or {}).get("leaseDurationSeconds", LEASE_SECONDS)
+        lease = (body.get("status") or {}).get("leaseDurationSeconds", self.lease_seconds)
         return now - self._seen[name].changed_at < lease
 
     def live(self, name: str) -> bool:
@@ -100,7 +101,7 @@ class Fleet:
             return False
         seen = self._seen.get(name)
         last = seen.changed_at if seen is not None else self._started
-        return self.clock() - last >= LEASE_SECONDS
+        return self.clock() - last >= self.lease_seconds
 
 
 class Role(enum.Enum):

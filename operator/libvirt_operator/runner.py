@@ -39,6 +39,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="VMs reconciled at the same time (libvirtd's max_workers should allow it + 4)")
     parser.add_argument("--resync-seconds", type=float, default=tuning.resync_seconds,
                         help="how often every VM is looked at again")
+    parser.add_argument("--heartbeat-seconds", type=float, default=tuning.heartbeat_seconds,
+                        help="how often the LibvirtNode (and the placement Lease, when held) is renewed (default 20)")
+    parser.add_argument("--lease-seconds", type=int, default=tuning.lease_seconds,
+                        help="how long without a renewal before other agents count this one as gone (default 40)")
     parser.add_argument("--relist-seconds", type=float, default=60.0,
                         help="how often the domain list is read in full, to repair missed events")
     parser.add_argument("--allowed-network", action="append", dest="allowed_networks",
@@ -123,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = str(args.kubeconfig)
     settings = settings_from(args)
-    tuning = Tuning(workers=args.workers, resync_seconds=args.resync_seconds,
+    tuning = Tuning(workers=args.workers, resync_seconds=args.resync_seconds, heartbeat_seconds=args.heartbeat_seconds,
+                    lease_seconds=args.lease_seconds,
                     libvirt_call_timeout_seconds=args.libvirt_call_timeout_seconds)
 
     def make_agent() -> Agent:

@@ -46,13 +46,17 @@ STALLED_REASONS = ("NodeNotReady", "NodeLost", "InvalidSpec")
 
 
 def pending_status(body: Mapping[str, Any], reason: str, message: str, now: datetime.datetime) -> dict[str, Any]:
-    """Pending on no node: Ready and Scheduled False saying why, the rest of the status as it was."""
+    """Pending on no node: Ready and Scheduled False saying why, the rest of the status as it was. A VM whose
+    fenced node held its disks keeps that node in status.nodeName, the record of where its data was."""
     view = reconcile.VMView(name=body["metadata"]["name"], generation=body["metadata"].get("generation", 1),
                             spec=body.get("spec") or {}, spec_hash="", status=body.get("status") or {})
     status = reconcile.decide(replace(view, has_finalizer=True), None, now, "",
                               reconcile.Problem(reason, message, stalled=reason in STALLED_REASONS)).status
     status["printableStatus"] = "Pending"
-    status.pop("nodeName", None)
+    if reason == "NodeLost":
+        status["nodeName"] = (body.get("status") or {}).get("nodeName")
+    else:
+        status.pop("nodeName", None)
     status.pop("observedGeneration", None)
     return _with_condition(status, "Scheduled", "False", reason, message, now, view.generation)
 
