@@ -61,7 +61,7 @@ class Election:
             return False
         new_spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds, "renewTime": _micro_time(),
                     "acquireTime": spec.get("acquireTime") if holder == self.identity else _micro_time(),
-                    "leaseTransitions": int(spec.get("leaseTransitions") or 0) + (holder != self.identity)}
+                    "leaseTransitions": int(spec.get("leaseTransitions") or 0) + (holder not in (None, "", self.identity))}
         try:
             await self.kube.write_lease(self.namespace, LEASE_NAME, new_spec,
                                         None if lease is None else lease["metadata"]["resourceVersion"])
