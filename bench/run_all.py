@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fleet  # noqa: E402
 import reaction  # noqa: E402
 import restart  # noqa: E402
 import rollout  # noqa: E402
@@ -30,8 +31,10 @@ from common import Bench, Figure, bench_environment, exit_on_signals, log, remov
 
 SIZES = {
     # test-driver N, second (small) N, steady window s, QEMU guests, restart guests (min), reaction commands
-    False: dict(n=1000, small=100, window=60, qemu=50, qemu_restart=10, reactions=50, listing=()),
-    True: dict(n=60, small=6, window=12, qemu=5, qemu_restart=3, reactions=5, listing=("--quick",)),
+    False: dict(n=1000, small=100, window=60, qemu=50, qemu_restart=10, reactions=50, listing=(),
+                fleet_n=10_000, fleet_k=10, fleet_window=60),
+    True: dict(n=60, small=6, window=12, qemu=5, qemu_restart=3, reactions=5, listing=("--quick",),
+               fleet_n=300, fleet_k=3, fleet_window=20),
 }
 STEADY_ARGS = ("--resync-seconds", str(steady_state.RESYNC_SECONDS), "--relist-seconds", str(steady_state.RESYNC_SECONDS))
 
@@ -155,7 +158,7 @@ def print_figures(figures: list[Figure]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small N, under two minutes")
-    parser.add_argument("--only", choices=("test", "qemu", "listing"), action="append",
+    parser.add_argument("--only", choices=("test", "fleet", "qemu", "listing"), action="append",
                         help="run only these parts (repeatable; default all)")
     parser.add_argument("--domain-type", choices=("qemu", "kvm"), default="qemu",
                         help="spec.domainType of the real guests (default qemu: TCG, as the e2e tests)")
@@ -165,7 +168,7 @@ def main() -> int:
     parser.add_argument("--profile-dir", type=Path, help="run the rollout agents under pyinstrument, reports here")
     args = parser.parse_args()
     size = {**SIZES[args.quick], "domain_type": args.domain_type, "guest_cpu_cgroup": args.guest_cpu_cgroup == "on"}
-    parts = args.only or ["test", "qemu", "listing"]
+    parts = args.only or ["test", "fleet", "qemu", "listing"]
     began = time.monotonic()
     exit_on_signals()
     if args.profile_dir:
@@ -174,6 +177,9 @@ def main() -> int:
         try:
             if "test" in parts:
                 test_driver_scenarios(bench, size, args.profile_dir)
+            if "fleet" in parts:
+                fleet.fleet(bench, size["fleet_n"], size["fleet_k"], size["fleet_window"])
+                fleet.decision_cost(bench)
             if "qemu" in parts:
                 qemu_scenarios(bench, size, args.profile_dir)
             if "listing" in parts:

@@ -30,6 +30,8 @@ GRANTED = {
     ("events", "", "create"),
     ("namespaces", "kube-system", "get"),
     ("customresourcedefinitions.apiextensions.k8s.io", "", "list watch"),
+    ("leases.coordination.k8s.io", "", "create"),
+    ("leases.coordination.k8s.io", "libvirt-operator-placement", "get update"),
 }
 
 
@@ -45,6 +47,8 @@ def test_server_side_dry_run_of_the_base_on_a_fresh_api_server(tmp_path: Path) -
         "validatingadmissionpolicybinding.admissionregistration.k8s.io/virtualmachine-updates.libvirt-operator.io",
         "serviceaccount/libvirt-operator", "clusterrole.rbac.authorization.k8s.io/libvirt-operator",
         "clusterrolebinding.rbac.authorization.k8s.io/libvirt-operator", "daemonset.apps/libvirt-operator-agent",
+        "role.rbac.authorization.k8s.io/libvirt-operator-placement",
+        "rolebinding.rbac.authorization.k8s.io/libvirt-operator-placement",
     }, result.stdout + result.stderr
 
 
@@ -56,8 +60,10 @@ def test_every_example_passes_server_side_validation(control_plane: ControlPlane
 
 
 def allowed_rules(control_plane: ControlPlane, kubeconfig: Path) -> set[tuple[str, str, str]]:
-    """`kubectl auth can-i --list` as (resource, resource names, verbs); non-resource URLs left out."""
-    lines = control_plane.kubectl("auth", "can-i", "--list", kubeconfig=kubeconfig).stdout.splitlines()[1:]
+    """`kubectl auth can-i --list` in the agent's namespace (its placement Lease is there) as (resource,
+    resource names, verbs); non-resource URLs left out."""
+    lines = control_plane.kubectl("auth", "can-i", "--list", "-n", AGENT_NAMESPACE,
+                                  kubeconfig=kubeconfig).stdout.splitlines()[1:]
     rules = set()
     for line in lines:
         if not line.strip() or line.startswith(" "):

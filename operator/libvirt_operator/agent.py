@@ -344,6 +344,8 @@ class Agent:
         if role not in (Role.RUN, Role.RELEASE):
             if self.election.leading:
                 await self.scheduler.duty(body)
+                if uid in self.bodies and self._owned(self.bodies[uid]):
+                    self.queue.add(uid)  # placed here: the watch event of this write is one this agent has seen
             return
         run = _Run(self, body)
         health = self.host.health.current

@@ -52,6 +52,12 @@ class AgentCollector:
         yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "VMs waiting for or in a reconcile.", value=len(agent.queue))
         yield GaugeMetricFamily(f"{PREFIX}_libvirt_connected", "1 while the libvirt connection is up.",
                                 value=1 if agent.host.connected else 0)
+        yield GaugeMetricFamily(f"{PREFIX}_placement_leader", "1 while this agent holds the placement Lease.",
+                                value=1 if agent.election.leading else 0)
+        yield CounterMetricFamily(f"{PREFIX}_placement_decisions", "Placement decisions made (placed or not).",
+                                  value=agent.scheduler.decisions)
+        yield CounterMetricFamily(f"{PREFIX}_placement_decision_seconds", "Time spent choosing nodes.",
+                                  value=agent.scheduler.decision_seconds)
         yield from EVENT_TO_STATUS.collect()
 
 
