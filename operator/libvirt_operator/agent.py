@@ -208,10 +208,14 @@ class Agent:
         self._background(self.heartbeat())
 
     async def refresh_capacity(self) -> None:
+        first = self.capacity is None
         try:
             self.capacity = await self.host.capacity(self.settings.storage_pool)
         except HostUnavailable as error:
             log.info("capacity not read: %s", error)
+            return
+        if first:  # the node offers nothing to placement until its capacity is published
+            await self.heartbeat()
 
     async def heartbeat(self) -> None:
         """Announces this agent, its libvirt's health and the capacity last read (never asking libvirt, so a

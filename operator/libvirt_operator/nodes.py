@@ -50,6 +50,13 @@ class NodeView:
     def labels(self) -> Mapping[str, str]:
         return self.body.get("metadata", {}).get("labels") or {}
 
+    @property
+    def placement_facts(self) -> tuple[Any, ...]:
+        """What placement reads of the node: a change of any of it may let a waiting VM in."""
+        status = self.status
+        return (self.live, self.spec, self.labels, status.get("allocatable"), status.get("offers"),
+                (status.get("libvirt") or {}).get("state"))
+
 
 @dataclass
 class Fleet:
@@ -68,7 +75,7 @@ class Fleet:
     def observe(self, listed: Iterable[Mapping[str, Any]]) -> bool:
         """Takes a fresh listing; True when a node's liveness, presence or spec changed."""
         now = self.clock()
-        before = {name: (view.live, view.spec, view.labels) for name, view in self.nodes.items()}
+        before = {name: view.placement_facts for name, view in self.nodes.items()}
         present: dict[str, NodeView] = {}
         for body in listed:
             name = body["metadata"]["name"]
@@ -78,7 +85,7 @@ class Fleet:
                 self._seen[name] = _Seen(beat, now)
             present[name] = NodeView(name, self._renewed_within_lease(name, body, now) or name == self.me, body)
         self.nodes = present
-        return before != {name: (view.live, view.spec, view.labels) for name, view in present.items()}
+        return before != {name: view.placement_facts for name, view in present.items()}
 
     def _renewed_within_lease(self, name: str, body: Mapping[str, Any], now: float) -> bool:
         lease = (body.get("status") or {}).get("leaseDurationSeconds", self.lease_seconds)
