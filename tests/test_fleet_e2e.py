@@ -133,6 +133,12 @@ def test_vms_without_node_name_are_placed_by_capacity_and_spread(fleet: dict[str
     scheduled = condition(vms(kubectl)["spread-0"], "Scheduled")
     assert scheduled["status"] == "True" and placed["spread-0"] in scheduled["message"]
     assert_one_domain_per_running_vm(kubectl, fleet)
+    apply(kubectl, "waits", nodeSelector={"rack": "z"}, memory="64Mi")
+    waiting = wait_until(lambda: condition(vms(kubectl)["waits"], "Scheduled").get("reason") == "Unschedulable"
+                         and vms(kubectl)["waits"], 30, what="waits Pending")
+    assert "3 didn't match spec.nodeSelector" in condition(waiting, "Scheduled")["message"]
+    kubectl("label", "libvirtnode", "fleet-a", "rack=z")
+    wait_until(lambda: placed_ready(kubectl).get("waits") == "fleet-a", 30, what="placed once a node fits")
     table = kubectl("get", "libvirtnodes", *NODES).stdout
     assert re.search(r"fleet-c\s+Ready\s+\d+\s+\d+\s+1Gi\s+\S+Mi\s+\d+", table), table
     kubectl("delete", "vm", "huge", "-n", NAMESPACE)

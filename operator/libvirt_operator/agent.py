@@ -146,6 +146,10 @@ class Agent:
         if event_type == "DELETED":
             self.bodies.pop(uid, None)
             self.ledger.place(uid, None)
+            self.scheduler.waiting.discard(uid)
+            if self.election.leading:  # room freed: the VMs waiting for some try again
+                for waiting in self.scheduler.waiting:
+                    self.queue.add(waiting)
             self.unwritten.pop(uid, None)
             self.retries.pop(uid, None)
             self.stats_written.pop(uid, None)

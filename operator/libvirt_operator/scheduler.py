@@ -87,6 +87,8 @@ class Scheduler:
         self.clock = clock
         self.decisions = 0
         self.decision_seconds = 0.0
+        self.waiting: set[str] = set()
+        """VMs no node could take at their last decision: looked at again when room is freed."""
 
     def cost(self, body: Mapping[str, Any], node: str) -> tuple[int, int]:
         try:
@@ -147,8 +149,10 @@ class Scheduler:
         self.decisions += 1
         self.decision_seconds += time.monotonic() - began
         if choice.node is None:
+            self.waiting.add(uid)
             await self._pending(body, "Unschedulable", choice.message)
             return
+        self.waiting.discard(uid)
         self.ledger.place(uid, choice.node, placement.Offer.of(self.fleet.nodes[choice.node]).cost(request))
         now = self.clock()
         status = _with_condition(dict(body.get("status") or {}), "Scheduled", "True", "Placed", choice.message, now,
