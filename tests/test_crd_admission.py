@@ -87,6 +87,14 @@ REJECTED = {
                       "interfaces[].macAddress values must be unique"),
     "bad-bridge": ({"interfaces": [{"name": "a", "bridge": "br0;reboot"}]},
                    'spec.interfaces[0].bridge: Invalid value: "br0;reboot"'),
+    "cdrom-on-virtio": ({"disks": [{"name": "cd", "bus": "virtio", "cdrom": {"image": {"path": "/var/lib/libvirt/x.iso"}}}]},
+                        "a cdrom disk sits on bus sata (the default) or scsi, not virtio"),
+    "cdrom-two-sources": ({"disks": [{"name": "cd", "cdrom": {"image": {"path": "/var/lib/libvirt/x.iso"},
+                                                              "http": {"url": "http://x/y.iso", "sha256": "a" * 64}}}]},
+                          "a cdrom holds exactly one of image or http"),
+    "cdrom-and-image": ({"disks": [{"name": "cd", "image": {"path": "/var/lib/libvirt/x.img"},
+                                    "cdrom": {"image": {"path": "/var/lib/libvirt/x.iso"}}}]},
+                        "each disk needs exactly one source: image, emptyDisk, cloudInit, volume, http or cdrom"),
 }
 
 
@@ -117,14 +125,16 @@ def test_full_spec_is_admitted_with_defaults(vm_crd: Kubectl) -> None:
                {"name": "data", "emptyDisk": {"size": "10Gi"}},
                {"name": "seed", "cloudInit": {"userDataSecretRef": {"name": "web-userdata"}}},
                {"name": "shared", "bus": "scsi", "readOnly": True, "volume": {"pool": "default", "name": "shared"}},
-               {"name": "os", "bus": "sata", "http": {"url": "http://images.example/debian.qcow2", "sha256": "a" * 64}}],
+               {"name": "os", "bus": "sata", "http": {"url": "http://images.example/debian.qcow2", "sha256": "a" * 64}},
+               {"name": "installer", "cdrom": {"image": {"path": "/var/lib/libvirt/images/installer.iso"}}}],
         interfaces=[{"name": "default", "network": "default", "macAddress": "52:54:00:12:34:56"},
                     {"name": "lan", "bridge": "br0", "model": "e1000"}, {"name": "out", "user": {}}],
         console={"log": True},
     )
     vm_crd("apply", "-f", "-", input=text)
     stored = yaml.safe_load(vm_crd("get", "vm", "full", "-n", NAMESPACE, "-o", "yaml").stdout)
-    assert stored["spec"]["disks"][1]["bus"] == "virtio"
+    assert "bus" not in stored["spec"]["disks"][1], "the bus default depends on the kind: the agent fills it in"
+    assert stored["spec"]["disks"][5]["cdrom"] == {"image": {"path": "/var/lib/libvirt/images/installer.iso"}}
     assert stored["spec"]["interfaces"][0]["model"] == "virtio"
     minimal = yaml.safe_load(server_dry_run(vm_crd, manifest("minimal")).stdout and
                              vm_crd("apply", "--dry-run=server", "-o", "yaml", "-f", "-",

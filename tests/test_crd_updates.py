@@ -94,7 +94,7 @@ def test_an_empty_disk_may_grow_keep_its_size_or_give_way_to_another(policy: Kub
         result = patch(vm_crd, "grow", {"disks": changed})
         assert result.returncode == 0, (changed, result.stderr)
     assert stored_spec(vm_crd, "grow")["disks"] == [
-        {"name": "data", "bus": "virtio", "readOnly": False, "image": {"path": "/var/lib/libvirt/images/a.qcow2", "clone": False}}]
+        {"name": "data", "readOnly": False, "image": {"path": "/var/lib/libvirt/images/a.qcow2", "clone": False}}]
 
 
 NODE_MOVES = {

@@ -116,6 +116,8 @@ def test_every_spec_field_reaches_the_xml() -> None:
         "ua-disk-seed-secret": ("file", "disk", "vdc", "virtio", "raw", f"{pool}/{UID}-seed-secret-cidata.iso", None, True),
         "ua-disk-shared": ("volume", "disk", "sdd", "scsi", None, "default/shared-data", None, True),
         "ua-disk-os": ("file", "disk", "vdd", "virtio", "qcow2", f"{pool}/{UID}-os.qcow2", None, False),
+        "ua-disk-installer": ("file", "cdrom", "sde", "sata", "raw", "/var/lib/libvirt/images/installer.iso", None, True),
+        "ua-disk-drivers": ("file", "cdrom", "sdf", "scsi", "qcow2", f"{pool}/{UID}-drivers.qcow2", None, True),
     }
     for alias, disk in disks.items():
         source = disk.find("source")

@@ -7,6 +7,7 @@ naming the field, leaving no domain and no volume; a legitimate clone runs with 
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from libvirt_operator import guest
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
 from libvirt_operator.testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH
-from test_guest_libvirt import _pool_volumes, conn, settings, vm  # noqa: F401 - fixtures
+from test_guest_libvirt import ServedImage, _pool_volumes, conn, served_image, settings, vm  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.libvirt
 
@@ -162,3 +163,32 @@ def test_owned_disks_follow_the_spec_at_the_next_boot_and_never_shrink(
         define(conn, vm, settings, disks(second, "16Mi"))
     assert error.value.field == "spec.disks[1].emptyDisk.size" and "never shrinks" in error.value.message
     assert virtual_size(data) == 32 << 20
+
+
+def test_cdroms_hold_an_iso_or_a_download_read_only_and_refuse_a_trick_image(
+        conn: libvirt.virConnect, vm: VMRef, settings: AgentSettings, made: Callable[[str], Path], secret: Path,
+        served_image: ServedImage) -> None:
+    iso = made(".iso")
+    iso.write_bytes(guest.seed_iso("#cloud-config\n", "instance-id: x\n", None))
+    settings = dataclasses.replace(settings, download_policy=dataclasses.replace(
+        settings.download_policy, allowed_networks=("127.0.0.0/8",)))
+    definition = define(conn, vm, settings, [
+        {"name": "installer", "cdrom": {"image": {"path": str(iso), "format": "raw"}}},
+        {"name": "drivers", "bus": "scsi", "cdrom": {"http": {"url": served_image.url, "sha256": served_image.sha256}}}])
+    definition.domain.create()
+    try:
+        installer, drivers = guest.parse(definition.domain.XMLDesc(0)).findall("devices/disk")
+        for disk, bus, fmt in ((installer, "sata", "raw"), (drivers, "scsi", "qcow2")):
+            assert (disk.get("device"), disk.find("target").get("bus"), disk.find("driver").get("type")) == (
+                "cdrom", bus, fmt)
+            assert disk.find("readonly") is not None
+        assert installer.find("source").get("file") == str(iso)
+        assert drivers.find("backingStore/source").get("file").endswith(served_image.cache_volume)
+    finally:
+        definition.domain.destroy()
+        guest.undefine_and_delete(conn, vm.uid, settings)
+    trick = made(".iso")
+    qemu_img("create", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(trick))
+    with pytest.raises(SpecError) as error:
+        define(conn, vm, settings, [{"name": "cd", "cdrom": {"image": {"path": str(trick)}}}])
+    assert error.value.field == "spec.disks[0].cdrom.image.path" and "backing file" in error.value.message

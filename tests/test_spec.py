@@ -140,3 +140,20 @@ def test_spec_hash_ignores_fields_that_do_not_shape_the_domain() -> None:
     assert spec_hash(base) == spec_hash(runtime) == spec_hash(reordered)
     assert spec_hash(base) != spec_hash({**base, "memory": "2Gi"})
     assert len(spec_hash(base)) == 64
+
+
+def test_a_cdrom_is_read_only_on_sata_by_default_and_never_on_virtio() -> None:
+    spec = parse_spec({"memory": "1Gi", "disks": [
+        {"name": "iso", "cdrom": {"image": {"path": "/var/lib/libvirt/images/x.iso"}}},
+        {"name": "web", "bus": "scsi", "cdrom": {"http": {"url": "https://example.org/x.iso", "sha256": "a" * 64}}}]})
+    iso, web = spec.disks
+    assert (iso.cdrom, iso.read_only, iso.bus, iso.source_key, iso.field_path(0)) == (
+        True, True, "sata", "cdrom", "spec.disks[0].cdrom")
+    assert (web.cdrom, web.bus, type(web.source).__name__) == (True, "scsi", "HttpSource")
+    for bad, field in (({"name": "c", "bus": "virtio", "cdrom": {"image": {"path": "/x.iso"}}}, "spec.disks[0].bus"),
+                       ({"name": "c", "cdrom": {"image": {"path": "/x.iso", "clone": True}}},
+                        "spec.disks[0].cdrom.image.clone"),
+                       ({"name": "c", "cdrom": {}}, "spec.disks[0].cdrom")):
+        with pytest.raises(SpecError) as error:
+            parse_spec({"memory": "1Gi", "disks": [bad]})
+        assert error.value.field == field, error.value

@@ -93,7 +93,7 @@ def stable_mac(uid: str, interface_name: str) -> str:
 def _resolved(disk: Disk, **source: object) -> ResolvedDisk:
     is_seed_cdrom = isinstance(disk.source, CloudInitSource) and disk.bus != "virtio"
     return ResolvedDisk(
-        name=disk.name, device="cdrom" if is_seed_cdrom else "disk", bus=disk.bus,
+        name=disk.name, device="cdrom" if is_seed_cdrom or disk.cdrom else "disk", bus=disk.bus,
         boot_order=disk.boot_order, read_only=disk.read_only, **source,
     )
 
@@ -663,9 +663,7 @@ class _Provisioner:
             ImageSource: self.image, EmptyDiskSource: self.empty_disk, CloudInitSource: self.cloud_init,
             VolumeSource: self.volume, HttpSource: self.http,
         }
-        return [
-            by_source[type(disk.source)](disk, f"spec.disks[{i}]") for i, disk in enumerate(spec.disks)
-        ]
+        return [by_source[type(disk.source)](disk, disk.field_path(i)) for i, disk in enumerate(spec.disks)]
 
 
 def provision_disks(

@@ -38,7 +38,7 @@ def confine_spec(spec: VMSpec, roots: Iterable[Path]) -> VMSpec:
     disks = tuple(
         dataclasses.replace(
             disk, source=dataclasses.replace(disk.source, path=str(confine(disk.source.path, roots,
-                                                                            f"spec.disks[{i}].image.path"))),
+                                                                            f"{disk.field_path(i)}.image.path"))),
         )
         if isinstance(disk.source, ImageSource) else disk
         for i, disk in enumerate(spec.disks)
@@ -76,7 +76,7 @@ def refuse_agent_files(spec: VMSpec, settings: AgentSettings) -> None:
     named: list[tuple[str, str, bool]] = []
     for i, disk in enumerate(spec.disks):
         if isinstance(disk.source, ImageSource):
-            named.append((disk.source.path, f"spec.disks[{i}].image.path", disk.source.clone))
+            named.append((disk.source.path, f"{disk.field_path(i)}.image.path", disk.source.clone))
         elif isinstance(disk.source, VolumeSource) and disk.source.pool == settings.storage_pool:
             named.append((str(settings.storage_pool_path / disk.source.name), f"spec.disks[{i}].volume.name", False))
     if spec.kernel_boot is not None:

@@ -72,9 +72,9 @@ def unreachable_status(body: Mapping[str, Any], node: str, message: str, now: da
 
 def owned_data_disks(spec: VMSpec) -> list[str]:
     """The disks whose data lives only on the node the VM runs on: empty disks and clones' overlays."""
-    return [f"spec.disks[{i}] ({disk.name})" for i, disk in enumerate(spec.disks)
-            if isinstance(disk.source, EmptyDiskSource)
-            or isinstance(disk.source, (ImageSource, HttpSource)) and getattr(disk.source, "clone", True)]
+    return [f"spec.disks[{i}] ({disk.name})" for i, disk in enumerate(spec.disks) if not disk.cdrom and (
+            isinstance(disk.source, EmptyDiskSource)
+            or isinstance(disk.source, (ImageSource, HttpSource)) and getattr(disk.source, "clone", True))]
 
 
 class Scheduler:

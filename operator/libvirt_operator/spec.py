@@ -26,7 +26,8 @@ CPU_MODES = ("host-model", "host-passthrough", "custom")
 BUSES = ("virtio", "sata", "scsi")
 IMAGE_FORMATS = ("raw", "qcow2")
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
-DISK_SOURCES = ("image", "emptyDisk", "cloudInit", "volume", "http")
+DISK_SOURCES = ("image", "emptyDisk", "cloudInit", "volume", "http", "cdrom")
+CDROM_BUSES = ("sata", "scsi")
 INTERFACE_KINDS = ("network", "bridge", "user")
 RUNTIME_FIELDS = ("runStrategy", "paused", "updateStrategy", "terminationGracePeriodSeconds", "nodeName", "nodeSelector")
 """Spec fields that steer the reconciler but do not change the domain definition."""
@@ -121,11 +122,17 @@ class Disk:
     bus: str
     boot_order: int | None = None
     read_only: bool = False
+    cdrom: bool = False
+    """A read-only CD-ROM (`cdrom: {image: ...}` or `cdrom: {http: ...}`); `source` is what it holds."""
 
     @property
     def source_key(self) -> str:
         """The spec's key for this disk's source, e.g. `emptyDisk`."""
-        return _SOURCE_KEYS[type(self.source)]
+        return "cdrom" if self.cdrom else _SOURCE_KEYS[type(self.source)]
+
+    def field_path(self, index: int) -> str:
+        """Where this disk's source fields live in the spec: `spec.disks[i]`, or `spec.disks[i].cdrom`."""
+        return f"spec.disks[{index}]" + (".cdrom" if self.cdrom else "")
 
 
 @dataclass(frozen=True)
@@ -354,11 +361,19 @@ def _http(obj: _Object) -> HttpSource:
     return HttpSource(url=url, sha256=sha256)
 
 
+def _cdrom(obj: _Object) -> ImageSource | HttpSource:
+    """What a CD-ROM holds: an image used as it is, or an http download (a read-only overlay over it)."""
+    if obj.exactly_one(("image", "http")) == "image":
+        return _image(obj.child("image", ("path", "format")))
+    return _http(obj.child("http", ("url", "sha256")))
+
+
 _SOURCE_PARSERS = {
     "image": (_image, ("path", "clone", "format")),
     "emptyDisk": (_empty_disk, ("size",)),
     "cloudInit": (_cloud_init, ("userData", "userDataSecretRef", "networkData")),
     "volume": (_volume, ("pool", "name")),
+    "cdrom": (_cdrom, ("image", "http")),
     "http": (_http, ("url", "sha256")),
 }
 
@@ -373,11 +388,15 @@ def _disk(obj: _Object, names: set[str], boot_orders: set[int]) -> Disk:
         raise SpecError(obj.at("bootOrder"), f"{boot_order} is used by another disk; boot orders must be unique")
     if boot_order is not None:
         boot_orders.add(boot_order)
-    bus = obj.choice("bus", BUSES, "sata" if key == "cloudInit" else "virtio")
+    bus = obj.choice("bus", BUSES, "sata" if key in ("cloudInit", "cdrom") else "virtio")
     read_only = obj.boolean("readOnly", False)
-    if read_only and bus == "sata" and key != "cloudInit":
-        raise SpecError(obj.at("readOnly"), "QEMU cannot make a SATA disk read-only; use bus virtio or scsi")
-    return Disk(name=name, source=source, bus=bus, boot_order=boot_order, read_only=read_only or key == "cloudInit")
+    if key == "cdrom" and bus not in CDROM_BUSES:
+        raise SpecError(obj.at("bus"), f"a CD-ROM sits on bus {' or '.join(CDROM_BUSES)}, not {bus}")
+    if read_only and bus == "sata" and key not in ("cloudInit", "cdrom"):
+        raise SpecError(obj.at("readOnly"), "QEMU cannot make a SATA disk read-only; use bus virtio or scsi, or a "
+                        "cdrom disk")
+    return Disk(name=name, source=source, bus=bus, boot_order=boot_order,
+                read_only=read_only or key in ("cloudInit", "cdrom"), cdrom=key == "cdrom")
 
 
 def _interface(obj: _Object, names: set[str], macs: set[str]) -> Interface:
