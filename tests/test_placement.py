@@ -31,10 +31,16 @@ class Clock:
         return self.now
 
 
-def fleet_of(*bodies: dict[str, Any], me: str = "observer") -> tuple[Fleet, Clock]:
+def renewed(body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "status": {**body["status"], "heartbeatTime": body["status"]["heartbeatTime"] + "'"}}
+
+
+def fleet_of(*bodies: dict[str, Any], me: str = "observer", seen_renewing: bool = True) -> tuple[Fleet, Clock]:
     clock = Clock()
     fleet = Fleet(me, 40, clock=clock)
     fleet.observe(bodies)
+    if seen_renewing:
+        fleet.observe([renewed(body) for body in bodies])
     return fleet, clock
 
 
@@ -82,7 +88,7 @@ def test_an_unplaceable_vm_says_what_every_node_lacks() -> None:
     assert fits.node == "c"
     without_selector = choose(fleet, placement.Ledger(), interfaces=[{"name": "n", "network": "default"}])
     assert without_selector.message.startswith("placed on c"), without_selector.message
-    fleet.observe([body for body in (node("a", memory=GI), node("e", networks=()))])
+    fleet.observe([renewed(body) for body in (node("a", memory=GI), node("e", networks=()))])
     short = choose(fleet, placement.Ledger(), interfaces=[{"name": "n", "network": "default"}])
     assert short.message == ("0/2 nodes are available: 1 insufficient memory (need 1Gi + 64Mi overhead), "
                              "1 no network default"), short.message
@@ -95,7 +101,7 @@ def test_cpu_is_counted_with_the_allocation_ratio_the_node_published() -> None:
 
 
 def test_liveness_is_judged_on_the_observers_clock_not_the_writers_timestamp() -> None:
-    fleet, clock = fleet_of(node("a", beat="2001-01-01T00:00:00Z"))  # a writer whose clock is far behind
+    fleet, clock = fleet_of(node("a", beat="2001-01-01T00:00:00Z"), seen_renewing=False)  # a clock far behind
     assert fleet.live("a"), "a node first seen is given a whole lease"
     clock.now += 39
     fleet.observe([node("a", beat="2001-01-01T00:00:00Z")])
@@ -148,3 +154,14 @@ def test_only_the_node_a_vm_is_placed_on_runs_it(spec_node: str | None, placed: 
                                               (1000, "1000")])
 def test_human_units(amount: int, text: str) -> None:
     assert placement.human_bytes(amount) == text
+
+
+def test_nothing_is_placed_on_a_node_until_it_is_seen_renewing() -> None:
+    """A LibvirtNode a gone agent left looks live for a lease (its VMs must not start elsewhere meanwhile),
+    but no new VM goes there on that alone."""
+    fleet, clock = fleet_of(node("left-over"), node("mine"), me="mine", seen_renewing=False)
+    assert fleet.live("left-over")
+    assert choose(fleet, placement.Ledger()).node == "mine"
+    clock.now += 5
+    fleet.observe([renewed(node("left-over", memory=64 * GI)), node("mine")])
+    assert choose(fleet, placement.Ledger()).node == "left-over"

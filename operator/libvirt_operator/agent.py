@@ -41,6 +41,8 @@ RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 VOLATILE_STATUS = ("stats",)
 VOLATILE_DOMAIN = ("resourceVersion",)
+COUNTS_SECONDS = 2.0
+"""How soon a change of the VMs a node runs reaches its LibvirtNode."""
 
 
 def _significant(status: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,6 +82,7 @@ class Agent:
         self._jobs: set[asyncio.Task[None]] = set()
         """One-off jobs (an orphan's removal, a heartbeat on a change of libvirt's health), kept referenced until done."""
         self._heartbeat_lock = asyncio.Lock()
+        self._published_counts: tuple[int, tuple[int, int]] | None = None
         self.capacity: HostCapacity | None = None
         """The host's capacity as last read; the heartbeat sends it without asking libvirt."""
         host.health.listeners.append(self._libvirt_health_changed)
@@ -102,6 +105,7 @@ class Agent:
         self._tasks = [asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.heartbeat, at_once=True)),
                        asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.refresh_capacity,
                                                        at_once=True)),
+                       asyncio.create_task(self._every(COUNTS_SECONDS, self._publish_changed_counts)),
                        asyncio.create_task(self._reconcile_once_listed())]
 
     async def _reconcile_once_listed(self) -> None:
@@ -228,13 +232,23 @@ class Agent:
             await self._heartbeat()
 
     async def _heartbeat(self) -> None:
+        await self._announce_node()
+        was_leading = self.election.leading
+        leading = await self.election.renew()
+        if await self.refresh_fleet() or leading != was_leading:
+            await self.resync()
+        if leading:
+            await self._mark_silent_nodes()
+
+    async def _announce_node(self) -> None:
         capacity, health = self.capacity, self.host.health.current
         me = self.fleet.nodes.get(self.settings.node_name)
+        counts = self._counts()
         status: dict[str, Any] = {
             "heartbeatTime": now_iso(), "leaseDurationSeconds": self.tuning.lease_seconds,
             "state": "NotReady" if not health.answering else "Cordoned" if me is not None and me.cordoned else "Ready",
             "libvirtUri": self.settings.libvirt_uri, "connected": self.host.connected, "libvirt": health.to_status(),
-            "vms": sum(1 for uid in self.bodies if self._owned(self.bodies[uid])),
+            "vms": counts[0],
             "foreignDomains": self.host.foreign_domains,
         }
         if capacity is not None:
@@ -251,12 +265,18 @@ class Agent:
             }
             status.update(self._offer(capacity))
         await self.kube.announce_node(status)
-        was_leading = self.election.leading
-        leading = await self.election.renew()
-        if await self.refresh_fleet() or leading != was_leading:
-            await self.resync()
-        if leading:
-            await self._mark_silent_nodes()
+        self._published_counts = counts
+
+    def _counts(self) -> tuple[int, tuple[int, int]]:
+        """The VMs this agent runs, and what the VMs placed here take: what LibvirtNode readers count."""
+        return sum(1 for body in self.bodies.values() if self._owned(body)), self.ledger.taken(self.settings.node_name)
+
+    async def _publish_changed_counts(self) -> None:
+        """A heartbeat as soon as the counts changed, so `kubectl get libvirtnodes` follows the VMs (none while
+        nothing changes)."""
+        if self._published_counts is not None and self._counts() != self._published_counts:
+            async with self._heartbeat_lock:
+                await self._announce_node()
 
     def _offer(self, capacity: HostCapacity) -> dict[str, Any]:
         """What this node offers to placement: room (after the admin's ratios) and the names VMs may use."""

@@ -24,6 +24,8 @@ LEASE_SECONDS = 40
 class _Seen:
     heartbeat: str | None
     changed_at: float
+    renewed: bool = False
+    """Whether this observer saw the heartbeat change (not only a value found when it first looked)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class NodeView:
     name: str
     live: bool
     body: Mapping[str, Any]
+    renewal_seen: bool = True
+    """False until this observer saw the node renew: a LibvirtNode left by a gone agent looks live for a lease
+    (it may still run VMs), but nothing new is placed there on that alone."""
 
     @property
     def status(self) -> Mapping[str, Any]:
@@ -54,7 +59,7 @@ class NodeView:
     def placement_facts(self) -> tuple[Any, ...]:
         """What placement reads of the node: a change of any of it may let a waiting VM in."""
         status = self.status
-        return (self.live, self.spec, self.labels, status.get("allocatable"), status.get("offers"),
+        return (self.live, self.renewal_seen, self.spec, self.labels, status.get("allocatable"), status.get("offers"),
                 (status.get("libvirt") or {}).get("state"))
 
 
@@ -82,8 +87,9 @@ class Fleet:
             beat = (body.get("status") or {}).get("heartbeatTime")
             seen = self._seen.get(name)
             if seen is None or seen.heartbeat != beat:
-                self._seen[name] = _Seen(beat, now)
-            present[name] = NodeView(name, self._renewed_within_lease(name, body, now) or name == self.me, body)
+                self._seen[name] = _Seen(beat, now, renewed=seen is not None)
+            renewed = self._seen[name].renewed or name == self.me
+            present[name] = NodeView(name, self._renewed_within_lease(name, body, now) or name == self.me, body, renewed)
         self.nodes = present
         return before != {name: view.placement_facts for name, view in present.items()}
 

@@ -75,7 +75,7 @@ class Offer:
         allocatable = status.get("allocatable") or {}
         offers = status.get("offers") or {}
         answering = (status.get("libvirt") or {}).get("state", "Connected") == "Connected"
-        why_not = ("not ready" if not view.live or not answering or not allocatable
+        why_not = ("not ready" if not view.live or not view.renewal_seen or not answering or not allocatable
                    else "cordoned" if view.cordoned else None)
         return cls(
             name=view.name, vcpus=int(allocatable.get("vcpus", 0)), memory=int(allocatable.get("memoryBytes", 0)),
