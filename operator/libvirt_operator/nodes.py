@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-LEASE_SECONDS = 40
+from libvirt_operator.model import Tuning
+
+LEASE_SECONDS = Tuning().lease_seconds
 
 
 @dataclass

@@ -169,15 +169,15 @@ class Scheduler:
         await self.write_status(body, pending_status(body, reason, message, self.clock()), body["metadata"]["resourceVersion"])
 
     async def _mark_unreachable(self, body: dict[str, Any], node: str, since: float) -> None:
+        ready = next((c for c in (body.get("status") or {}).get("conditions", []) if c.get("type") == "Ready"), {})
+        if ready.get("reason") == "NodeUnreachable":
+            return
         now = self.clock()
         silent = self.fleet.clock() - since
         beat = (self.fleet.nodes[node].status.get("heartbeatTime")) or "never"
         message = (f"node {node}'s agent has not renewed its LibvirtNode for {silent:.0f}s (its last heartbeat says "
                    f"{beat}); the VM may still run there and is not started elsewhere until the node is fenced "
                    f"(kubectl delete libvirtnode {node})")
-        ready = next((c for c in (body.get("status") or {}).get("conditions", []) if c.get("type") == "Ready"), {})
-        if ready.get("reason") == "NodeUnreachable":
-            return
         await self.write_status(body, unreachable_status(body, node, message, now), body["metadata"]["resourceVersion"])
 
     async def _release_finalizer(self, body: dict[str, Any]) -> None:
