@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests, the demo and the benchmarks need on a fresh Debian 12 machine, as
 # root: Debian packages (libvirt, QEMU, the guest kernel), a virtualenv with the project and
-# its test dependencies, and the Go-built control plane binaries. Idempotent and quick when
+# its test dependencies, the Go-built control plane and node binaries, and the agent's image. Idempotent and quick when
 # everything is already there.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,6 +11,7 @@ apt_packages=(
   libvirt-dev pkg-config qemu-system-x86 qemu-utils ovmf
   linux-image-cloud-amd64 busybox-static cpio
   python3-venv python3-dev gcc libxml2-utils
+  containerd runc containernetworking-plugins iptables mmdebstrap buildah
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -33,3 +34,5 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 "$repo/hack/build-binaries.sh"
+"$repo/hack/build-node-binaries.sh" >/dev/null
+"$repo/hack/build-image.sh" >/dev/null
