@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -19,12 +21,26 @@ from libvirt_operator.agent import Agent
 LIBVIRT_THREADS = 32
 
 
+def in_cluster_server(environ: Mapping[str, str]) -> str | None:
+    """The API server as client-go's in-cluster config finds it: the `kubernetes` Service's address,
+    which kubelet puts in every pod's environment. kopf's own in-pod login dials the DNS name
+    `kubernetes.default.svc`, which needs cluster DNS."""
+    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return None
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 def build_registry(make_agent: Callable[[], Agent]) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        in_pod = kopf.login_with_service_account(**kwargs)
+        if in_pod is not None:
+            server = in_cluster_server(os.environ)
+            return dataclasses.replace(in_pod, server=server) if server else in_pod
+        return kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry)
     async def start_agent(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:

@@ -62,7 +62,7 @@ class _KeyPair:
 
 
 def _issue(common_name: str, issuer: _KeyPair | None, *, organisation: str | None = None,
-           server: bool = False) -> _KeyPair:
+           server_names: list[x509.GeneralName] | None = None) -> _KeyPair:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     if organisation:
@@ -79,26 +79,41 @@ def _issue(common_name: str, issuer: _KeyPair | None, *, organisation: str | Non
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
     )
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]), critical=False)
+    if server_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(server_names), critical=False)
     return _KeyPair(key, builder.sign(issuer.key if issuer else key, hashes.SHA256()))
 
 
-class ControlPlane:
-    """etcd + kube-apiserver in `workdir`; `start()` then `stop()`, or use it as a context manager."""
+# The first address of --service-cluster-ip-range: the `kubernetes` Service that pods dial.
+SERVICE_CIDR = "10.0.0.0/24"
+KUBERNETES_SERVICE_ADDRESS = "10.0.0.1"
 
-    def __init__(self, workdir: Path) -> None:
+
+class ControlPlane:
+    """etcd + kube-apiserver in `workdir`; `start()` then `stop()`, or use it as a context manager.
+
+    By default it serves loopback only, for an agent run as a process. `netns` runs it inside that
+    network namespace at `address`, set up to serve real nodes (see `testing/node.py`): Node and
+    RBAC authorization, ServiceAccount admission, the `kubernetes` Service's endpoints, and a
+    client certificate for kubelets.
+    """
+
+    def __init__(self, workdir: Path, *, address: str = "127.0.0.1", netns: str | None = None) -> None:
         self.workdir = workdir
+        self.address = address
+        self.netns = netns
         self.bin = binaries_dir()
         self.state_file = workdir / "state.json"
         self.admin_kubeconfig = workdir / "admin.kubeconfig"
         self._state: dict[str, int] = {}
 
     @property
+    def serves_nodes(self) -> bool:
+        return self.netns is not None
+
+    @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self._state['apiserver_port']}"
+        return f"https://{self.address}:{self._state['apiserver_port']}"
 
     def kubectl_path(self) -> Path:
         return self.bin / "kubectl"
@@ -113,9 +128,12 @@ class ControlPlane:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._write_certificates()
-        self._state = {"etcd_port": free_port(), "etcd_peer_port": free_port(), "apiserver_port": free_port()}
+        if self.serves_nodes:   # a namespace of its own: the well-known ports are free
+            self._state = {"etcd_port": 2379, "etcd_peer_port": 2380, "apiserver_port": 6443}
+        else:
+            self._state = {"etcd_port": free_port(), "etcd_peer_port": free_port(), "apiserver_port": free_port()}
         self._state["etcd_pid"] = self._spawn("etcd", self._etcd_args())
-        self._wait_for(f"http://127.0.0.1:{self._state['etcd_port']}/health", "etcd", tls=False)
+        self._wait_for(f"http://{self.address}:{self._state['etcd_port']}/health", "etcd", tls=False)
         self.start_apiserver()
 
     def start_apiserver(self) -> None:
@@ -141,6 +159,7 @@ class ControlPlane:
         """The control plane already running in `workdir` (started by another process)."""
         plane = cls.__new__(cls)
         plane.workdir, plane.state_file = workdir, workdir / "state.json"
+        plane.address, plane.netns = "127.0.0.1", None
         plane.admin_kubeconfig = workdir / "admin.kubeconfig"
         plane._state = plane._load_state()
         plane.bin = binaries_dir()
@@ -163,13 +182,27 @@ class ControlPlane:
         self._write_kubeconfig(path, user={"token": token})
         return path
 
+    def component_kubeconfig(self, common_name: str, organisation: str | None = None) -> Path:
+        """A kubeconfig that authenticates with a client certificate (a kubelet, a controller)."""
+        stem = common_name.replace(":", "-")
+        path = self.workdir / f"{stem}.kubeconfig"
+        if not path.exists():
+            ca = _KeyPair(
+                serialization.load_pem_private_key((self.workdir / "ca.key").read_bytes(), None),  # type: ignore[arg-type]
+                x509.load_pem_x509_certificate((self.workdir / "ca.crt").read_bytes()),
+            )
+            cert, key = _issue(common_name, ca, organisation=organisation).write(self.workdir, stem)
+            self._write_kubeconfig(path, user={"client-certificate": str(cert), "client-key": str(key)})
+        return path
+
     def metrics(self) -> str:
         return self.kubectl("get", "--raw", "/metrics").stdout
 
     def _spawn(self, binary: str, args: list[str]) -> int:
         log = (self.workdir / f"{binary}.log").open("ab")
+        inside = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
         proc = subprocess.Popen(
-            [str(self.bin / binary), *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [*inside, str(self.bin / binary), *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return proc.pid
 
@@ -216,33 +249,38 @@ class ControlPlane:
         raise RuntimeError(f"{what} not ready at {url} after {timeout} s ({last}); see {self.workdir}/*.log")
 
     def _etcd_args(self) -> list[str]:
-        client = f"http://127.0.0.1:{self._state['etcd_port']}"
+        client = f"http://{self.address}:{self._state['etcd_port']}"
+        peer = f"http://{self.address}:{self._state['etcd_peer_port']}"
         return [
             f"--data-dir={self.workdir / 'etcd'}", f"--listen-client-urls={client}",
             f"--advertise-client-urls={client}",
-            f"--listen-peer-urls=http://127.0.0.1:{self._state['etcd_peer_port']}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{self._state['etcd_peer_port']}",
-            f"--initial-cluster=default=http://127.0.0.1:{self._state['etcd_peer_port']}",
+            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=default={peer}",
             "--unsafe-no-fsync", "--log-level=warn",
         ]
 
     def _apiserver_args(self) -> list[str]:
         d = self.workdir
-        return [
-            f"--etcd-servers=http://127.0.0.1:{self._state['etcd_port']}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+        common = [
+            f"--etcd-servers=http://{self.address}:{self._state['etcd_port']}",
+            f"--bind-address={self.address}", f"--advertise-address={self.address}",
             f"--secure-port={self._state['apiserver_port']}",
-            "--endpoint-reconciler-type=none",
             f"--tls-cert-file={d / 'apiserver.crt'}", f"--tls-private-key-file={d / 'apiserver.key'}",
             f"--client-ca-file={d / 'ca.crt'}",
-            "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={d / 'sa.pub'}",
             f"--service-account-signing-key-file={d / 'sa.key'}",
-            "--disable-admission-plugins=ServiceAccount",
             f"--cert-dir={d / 'certs'}",
         ]
+        if self.serves_nodes:
+            return [*common, "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+                    f"--kubelet-client-certificate={d / 'admin.crt'}", f"--kubelet-client-key={d / 'admin.key'}",
+                    "--kubelet-preferred-address-types=InternalIP,Hostname"]
+        # Loopback only: no endpoints for the `kubernetes` Service (they may not be loopback
+        # addresses) and no ServiceAccount admission (no controller-manager makes the tokens).
+        return [*common, "--authorization-mode=RBAC", "--endpoint-reconciler-type=none",
+                "--disable-admission-plugins=ServiceAccount"]
 
     def _write_certificates(self) -> None:
         d = self.workdir
@@ -250,7 +288,13 @@ class ControlPlane:
             return
         ca = _issue("libvirt-operator-test-ca", None)
         ca.write(d, "ca")
-        _issue("kube-apiserver", ca, server=True).write(d, "apiserver")
+        names: list[x509.GeneralName] = [
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address(self.address)),
+            x509.IPAddress(ipaddress.ip_address(KUBERNETES_SERVICE_ADDRESS)),
+            *(x509.DNSName(name) for name in ("kubernetes", "kubernetes.default", "kubernetes.default.svc")),
+        ]
+        _issue("kube-apiserver", ca, server_names=list(dict.fromkeys(names))).write(d, "apiserver")
         _issue("admin", ca, organisation=ADMIN_GROUP).write(d, "admin")
         sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         (d / "sa.key").write_bytes(sa.private_bytes(

@@ -1,0 +1,102 @@
+"""Removes everything a real test node (`testing/node.py`) leaves on the machine, also after a run
+that was killed: its processes and containers, their mounts and cgroups, its network namespace
+(with its veth pair, iptables rules and per-namespace sysctls), the global sysctls kubelet changed,
+and its state directory.
+
+Standard library only: `hack/clean-stale.sh` runs it with the system python3 before a fresh
+clone has a virtualenv (`python3 operator/libvirt_operator/testing/node_cleanup.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+STATE = Path("/var/lib/libvirt-operator-test-node")
+NETNS = "lvo-node"
+HOST_VETH = "lvo-node-host"
+# kubelet's cgroupRoot: every pod and container of the node lives below it, in every hierarchy.
+CGROUP_ROOT = "libvirt-operator-test-node"
+CGROUPS = Path("/sys/fs/cgroup")
+# What kubelet sets on start (kernel defaults it expects); the node records the values it found.
+KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
+SAVED_SYSCTLS = STATE / "sysctls.json"
+
+
+def save_sysctls() -> None:
+    """Records the global sysctls kubelet will change, once: a restarted node keeps the originals."""
+    if not SAVED_SYSCTLS.exists():
+        STATE.mkdir(parents=True, exist_ok=True)
+        values = {name: (Path("/proc/sys") / name).read_text().strip() for name in KUBELET_SYSCTLS}
+        SAVED_SYSCTLS.write_text(json.dumps(values))
+
+
+def _restore_sysctls() -> None:
+    if SAVED_SYSCTLS.exists():
+        for name, value in json.loads(SAVED_SYSCTLS.read_text()).items():
+            (Path("/proc/sys") / name).write_text(value)
+
+
+def _node_cgroups() -> list[Path]:
+    """The node's cgroups in every hierarchy, deepest first."""
+    found = [path for hierarchy in CGROUPS.iterdir() if (path := hierarchy / CGROUP_ROOT).is_dir()]
+    below = [sub for top in found for sub in top.rglob("*") if sub.is_dir()]
+    return sorted([*found, *below], key=lambda path: len(path.parts), reverse=True)
+
+
+def _node_pids() -> set[int]:
+    """Processes in the node's network namespace (control plane, containerd, shims, kubelet) and in
+    its cgroups (the containers, which have network namespaces of their own)."""
+    pids: set[int] = set()
+    listed = subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True, text=True)
+    pids.update(int(pid) for pid in listed.stdout.split())
+    for cgroup in _node_cgroups():
+        procs = cgroup / "cgroup.procs"
+        if procs.exists():
+            pids.update(int(pid) for pid in procs.read_text().split())
+    pids.discard(os.getpid())
+    return pids
+
+
+def _kill_all() -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _node_pids()
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while _node_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _node_pids():
+            return
+
+
+def _unmount_under(root: Path) -> None:
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    inside = [m for m in mounts if m == str(root) or m.startswith(f"{root}/")]
+    for mount in sorted(set(inside), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", mount], capture_output=True)
+
+
+def clean() -> None:
+    _kill_all()
+    _unmount_under(STATE)
+    for cgroup in _node_cgroups():
+        try:
+            cgroup.rmdir()
+        except OSError:
+            pass
+    subprocess.run(["ip", "netns", "delete", NETNS], capture_output=True)
+    subprocess.run(["ip", "link", "delete", HOST_VETH], capture_output=True)
+    _restore_sysctls()
+    subprocess.run(["rm", "-rf", "--one-file-system", str(STATE)], check=False)
+
+
+if __name__ == "__main__":
+    clean()
