@@ -6,7 +6,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache_root=${LIBVIRT_OPERATOR_CACHE:-/var/cache/libvirt-operator}
-key=$(cat "$here"/kube/go.mod "$here"/kube/go.sum "$0" | sha256sum | cut -c1-16)
+# shellcheck source=hack/lib/kube-build.sh
+source "$here/lib/kube-build.sh"
+key=$(cat "$here"/kube/go.mod "$here"/kube/go.sum "$here/lib/kube-build.sh" "$0" | sha256sum | cut -c1-16)
 out="$cache_root/node-bin/$key"
 commands=(kubelet kube-scheduler kube-controller-manager kube-proxy)
 ready=1
@@ -16,16 +18,7 @@ if [ "$ready" = 1 ]; then
   exit 0
 fi
 mkdir -p "$out.tmp"
-k8s_version=$(awk '/^require k8s.io\/kubernetes /{print $3}' "$here/kube/go.mod")
-minor=${k8s_version#v1.}; minor=${minor%%.*}
-stamp=""
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  stamp+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-done
-export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
-echo "building ${commands[*]} $k8s_version into $out" >&2
-(cd "$here/kube" && go build -trimpath -ldflags "-s -w$stamp" -o "$out.tmp/" \
-  "${commands[@]/#/k8s.io/kubernetes/cmd/}") >&2
+kube_build "$out.tmp" "${commands[@]}"
 rm -rf "$out"
 mv "$out.tmp" "$out"
 echo "$out"

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from e2e import get_vm, guest_spec, vm_manifest, wait_until, wait_vm, virsh
+from libvirt_operator.testing.agent_process import TRACEBACK
 from libvirt_operator.testing.libvirt_env import GuestImage
 from libvirt_operator.testing.node import NODE_NAME, Node
 
@@ -29,22 +31,24 @@ def node(system_uri: str) -> Iterator[Node]:
         wait_until(lambda: real_node.kubectl("get", "libvirtnode", NODE_NAME, check=False).returncode == 0,
                    timeout=60, what="the DaemonSet's agent registers its LibvirtNode")
         yield real_node
+        logs = real_node.kubectl("-n", "kube-system", "logs", "daemonset/libvirt-operator-agent", "--tail=-1").stdout
+        assert TRACEBACK not in logs, logs
 
 
-def agent_pod(node: Node) -> dict:
+def agent_pod(node: Node) -> dict[str, Any]:
     pods = json.loads(node.kubectl("-n", "kube-system", "get", "pods", "-l",
                                    "app.kubernetes.io/component=agent", "-o", "json").stdout)["items"]
     [pod] = pods
     return pod
 
 
-def test_the_agent_runs_in_the_pod_with_the_manifests_security_context(node: Node) -> None:
+def test_the_agent_pod_runs_the_built_image_and_reaches_libvirtd(node: Node) -> None:
     pod = agent_pod(node)
     [status] = pod["status"]["containerStatuses"]
     assert status["ready"] and status["image"].endswith("libvirt-operator:0.1.0"), status
     metrics = node.kubectl("get", "--raw",
                            f"/api/v1/namespaces/kube-system/pods/{pod['metadata']['name']}:9090/proxy/metrics").stdout
-    assert "libvirt_operator" in metrics
+    assert "libvirt_operator_libvirt_connected 1.0" in metrics, "the agent reaches libvirtd through the mounted socket"
 
 
 def test_a_vm_lives_and_dies_through_the_daemonset(node: Node, guest_image: GuestImage) -> None:

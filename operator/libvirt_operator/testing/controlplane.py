@@ -32,12 +32,25 @@ REPO = Path(__file__).resolve().parents[3]
 ADMIN_GROUP = "system:masters"
 
 
+def run_build_script(script: str) -> list[str]:
+    """Runs hack/`script` (it builds what is not cached) and returns the lines it printed: paths."""
+    out = subprocess.run([str(REPO / "hack" / script)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"hack/{script} failed:\n{out.stderr[-4000:]}")
+    return out.stdout.split()
+
+
 def binaries_dir() -> Path:
     """The cache directory with kube-apiserver, kubectl and etcd, building them if needed."""
-    out = subprocess.run(
-        [str(REPO / "hack/build-binaries.sh")], capture_output=True, text=True, check=True,
-    ).stdout
-    return Path(out.strip().splitlines()[-1])
+    return Path(run_build_script("build-binaries.sh")[-1])
+
+
+def spawn(command: list[str], log: Path, *, netns: str | None = None) -> int:
+    """Starts `command` in a session of its own (in network namespace `netns`), output appended to `log`."""
+    inside = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    with log.open("ab") as output:
+        proc = subprocess.Popen([*inside, *command], stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc.pid
 
 
 def free_port() -> int:
@@ -199,12 +212,7 @@ class ControlPlane:
         return self.kubectl("get", "--raw", "/metrics").stdout
 
     def _spawn(self, binary: str, args: list[str]) -> int:
-        log = (self.workdir / f"{binary}.log").open("ab")
-        inside = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
-        proc = subprocess.Popen(
-            [*inside, str(self.bin / binary), *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        return proc.pid
+        return spawn([str(self.bin / binary), *args], self.workdir / f"{binary}.log", netns=self.netns)
 
     @staticmethod
     def _terminate(pid: int) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from libvirt_operator.testing import node_cleanup
-from libvirt_operator.testing.controlplane import REPO, SERVICE_CIDR, ControlPlane, KubectlError
+from libvirt_operator.testing.controlplane import SERVICE_CIDR, ControlPlane, KubectlError, run_build_script, spawn
 from libvirt_operator.testing.node_cleanup import CGROUP_ROOT, HOST_VETH, NETNS, STATE
 
 NODE_VETH = "lvo-node-ns"
@@ -28,13 +28,6 @@ HOST_ADDRESS, NODE_ADDRESS = "10.213.0.1", "10.213.0.2"
 POD_CIDR = "10.214.0.0/24"
 NODE_NAME = "lvo-node"
 PAUSE_IMAGE = "localhost/libvirt-operator-pause:1"
-
-
-def _build(script: str) -> list[str]:
-    out = subprocess.run([str(REPO / "hack" / script)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"hack/{script} failed:\n{out.stderr[-4000:]}")
-    return out.stdout.split()
 
 
 def _run(*cmd: str) -> None:
@@ -45,9 +38,10 @@ class Node:
     """A one-node cluster; `start()` then `stop()`, or use it as a context manager."""
 
     def __init__(self) -> None:
-        self.bin = Path(_build("build-node-binaries.sh")[-1])
-        self.agent_image_archive, self.pause_image_archive = map(Path, _build("build-image.sh")[-2:])
+        self.bin = Path(run_build_script("build-node-binaries.sh")[-1])
+        self.agent_image_archive, self.pause_image_archive = map(Path, run_build_script("build-image.sh")[-2:])
         self.plane = ControlPlane(STATE / "control-plane", address=NODE_ADDRESS, netns=NETNS)
+        self.kubectl = self.plane.kubectl
         self.containerd_socket = STATE / "containerd" / "containerd.sock"
         self._logs = STATE / "logs"
 
@@ -58,9 +52,6 @@ class Node:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def kubectl(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return self.plane.kubectl(*args, **kwargs)  # type: ignore[arg-type]
-
     def start(self) -> None:
         node_cleanup.clean()
         self._logs.mkdir(parents=True, exist_ok=True)
@@ -68,20 +59,19 @@ class Node:
         self.plane.start()
         self._start_containerd()
         self._spawn("kube-controller-manager", self._controller_manager_args())
+        scheduler = self.plane.component_kubeconfig("system:kube-scheduler")
         self._spawn("kube-scheduler", [
-            f"--kubeconfig={self.plane.component_kubeconfig('system:kube-scheduler')}",
-            f"--authentication-kubeconfig={self.plane.component_kubeconfig('system:kube-scheduler')}",
-            f"--authorization-kubeconfig={self.plane.component_kubeconfig('system:kube-scheduler')}",
-            "--bind-address=127.0.0.1", "--leader-elect=false",
+            f"--kubeconfig={scheduler}", f"--authentication-kubeconfig={scheduler}",
+            f"--authorization-kubeconfig={scheduler}", "--bind-address=127.0.0.1", "--leader-elect=false",
         ])
-        self.start_kubelet()
+        self._start_kubelet()
         self._spawn("kube-proxy", [f"--config={self._kube_proxy_config()}"])
         self._wait_node_ready()
 
     def stop(self) -> None:
         node_cleanup.clean()
 
-    def start_kubelet(self) -> None:
+    def _start_kubelet(self) -> None:
         node_cleanup.save_sysctls()
         for hierarchy in node_cleanup.CGROUPS.iterdir():   # kubelet wants its cgroupRoot made
             if hierarchy.name != "unified":
@@ -92,10 +82,6 @@ class Node:
             f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_ADDRESS}",
             f"--root-dir={STATE / 'kubelet'}", f"--cert-dir={STATE / 'kubelet-pki'}",
         ])
-
-    def log(self, component: str) -> str:
-        path = self._logs / f"{component}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
     # The network namespace, its veth pair and the pod bridge's configuration.
 
@@ -121,14 +107,9 @@ class Node:
             ],
         }))
 
-    def _spawn(self, binary: str, args: list[str]) -> int:
-        path = self.bin / binary if (self.bin / binary).exists() else Path("/usr/bin") / binary
-        log = (self._logs / f"{binary}.log").open("ab")
-        proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{NETNS}", str(path), *args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        return proc.pid
+    def _spawn(self, binary: str, args: list[str]) -> None:
+        path = self.bin / binary if (self.bin / binary).exists() else Path("/usr/bin") / binary   # containerd
+        spawn([str(path), *args], self._logs / f"{binary}.log", netns=NETNS)
 
     # containerd, with the locally built images imported.
 
