@@ -17,17 +17,21 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 SYSTEM_URI = "qemu:///system"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
-QEMU_SETTINGS = {
-    "user": '"root"',
-    "group": '"root"',
-    "security_driver": '"none"',
+# As Debian's libvirt runs on hosts: QEMU as libvirt-qemu, files relabelled by the DAC driver (always stacked
+# under the configured driver; the key left unset, libvirt picks the host's default: none without AppArmor).
+QEMU_SETTINGS: dict[str, str | None] = {
+    "user": '"libvirt-qemu"',
+    "group": '"libvirt-qemu"',
+    "dynamic_ownership": "1",
+    "remember_owner": "1",
+    "security_driver": None,
 }
 # Only the CPU controllers: libvirt then puts every guest under the `machine` cgroup, whose one
 # weight all guests share against the host's own processes (libvirtd, the agent, QEMU starting a
@@ -62,11 +66,12 @@ def libvirtd_answers(uri: str = SYSTEM_URI) -> bool:
         return False
 
 
-def _set_config(path: Path, settings: dict[str, str]) -> bool:
-    """Sets `settings` in a libvirt config file, keeping its other lines; True if the file changed."""
+def _set_config(path: Path, settings: Mapping[str, str | None]) -> bool:
+    """Sets `settings` in a libvirt config file (None: the key unset), keeping its other lines; True if the file
+    changed."""
     before = path.read_text() if path.exists() else ""
     kept = [line for line in before.splitlines() if line.split("=")[0].strip() not in settings]
-    after = "\n".join(kept + [f"{k} = {v}" for k, v in settings.items()]) + "\n"
+    after = "\n".join(kept + [f"{k} = {v}" for k, v in settings.items() if v is not None]) + "\n"
     if after == before:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
