@@ -16,8 +16,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Union
 
+from libvirt_operator import quantity
+
 MIN_MEMORY = 16 * 1024**2
 MIN_DISK = 1024**2
+MAX_QUANTITY = 2**60
+"""1Ei: the CRD's bound on memory and disk sizes (beyond it an exponent would make the agent compute a huge number)."""
+MAX_QUANTITY_LENGTH = 32
 RUN_STRATEGIES = ("Always", "Halted", "Manual", "RerunOnFailure", "Once")
 UPDATE_STRATEGIES = ("OnRestart", "Restart")
 FIRMWARES = ("bios", "uefi")
@@ -32,16 +37,6 @@ INTERFACE_KINDS = ("network", "bridge", "user")
 RUNTIME_FIELDS = ("runStrategy", "paused", "updateStrategy", "terminationGracePeriodSeconds", "nodeName", "nodeSelector")
 """Spec fields that steer the reconciler but do not change the domain definition."""
 
-_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-_QUANTITY = re.compile(rf"^(?P<number>{_NUMBER})(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)|[eE](?P<exponent>[+-]?[0-9]+))?$")
-"""Kubernetes' quantity grammar (apimachinery's resource.ParseQuantity, which CEL's isQuantity uses)."""
-_SUFFIXES = {
-    None: Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
-    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12), "P": Decimal(10**15),
-    "E": Decimal(10**18),
-    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40), "Pi": Decimal(2**50),
-    "Ei": Decimal(2**60),
-}
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -174,24 +169,34 @@ _SOURCE_KEYS: dict[type, str] = {
 }
 
 
-def parse_quantity(value: Any, field: str) -> int:
-    """A Kubernetes quantity (`512Mi`, `1.5Gi`, `2G`, `1e9`, `1048576`) as whole bytes, rounded up; any
-    form the API server admits is read, a negative one is refused."""
+def quantity_value(value: Any, field: str) -> Decimal:
+    """A Kubernetes quantity (`512Mi`, `1.5Gi`, `2G`, `1e9`, `1000m`, `1048576`) exactly as the API server reads
+    it; a negative one, or one over 1Ei, is refused."""
+    amount: Decimal | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         amount = Decimal(value)
-    else:
-        match = _QUANTITY.match(value) if isinstance(value, str) else None
-        if match is None:
-            raise SpecError(field, f"{value!r} is not a quantity; write e.g. 512Mi, 1.5Gi, 2G or a number of bytes")
-        exponent = match.group("exponent")
-        try:
-            scale = Decimal(10) ** int(exponent) if exponent is not None else _SUFFIXES[match.group("suffix")]
-            amount = Decimal(match.group("number")) * scale
-        except ArithmeticError as error:
-            raise SpecError(field, f"{value!r} is not a quantity") from error
+    elif isinstance(value, str):
+        amount = quantity.parse(value)
+    if amount is None:
+        raise SpecError(field, f"{value!r} is not a quantity; write e.g. 512Mi, 1.5Gi, 2G or a number of bytes")
     if amount < 0:
         raise SpecError(field, f"{value!r} is negative; give a size such as 512Mi")
-    return math.ceil(amount)
+    if amount > MAX_QUANTITY:
+        raise SpecError(field, f"{value!r} is over 1Ei; give a size such as 512Mi")
+    return amount
+
+
+def parse_quantity(value: Any, field: str) -> int:
+    """A quantity as whole bytes, rounded up."""
+    return math.ceil(quantity_value(value, field))
+
+
+def _quantity_field(obj: _Object, key: str) -> Decimal:
+    """A quantity field of the spec, no longer than the CRD's maxLength when written as a string."""
+    value = obj.raw(key)
+    if isinstance(value, str) and len(value) > MAX_QUANTITY_LENGTH:
+        raise SpecError(obj.at(key), f"{value!r} is longer than {MAX_QUANTITY_LENGTH} characters")
+    return quantity_value(value, obj.at(key))
 
 
 class _Object:
@@ -313,10 +318,10 @@ def _cpu(spec: _Object) -> CPU:
 
 
 def _memory(spec: _Object) -> int:
-    memory = parse_quantity(spec.raw("memory"), spec.at("memory"))
+    memory = _quantity_field(spec, "memory")
     if memory < MIN_MEMORY:
-        raise SpecError(spec.at("memory"), f"{memory} bytes is too small; give at least 16Mi")
-    return memory
+        raise SpecError(spec.at("memory"), f"{memory:f} bytes is too small; give at least 16Mi")
+    return math.ceil(memory)
 
 
 def _kernel_boot(spec: _Object) -> KernelBoot | None:
@@ -332,10 +337,10 @@ def _image(obj: _Object) -> ImageSource:
 
 
 def _empty_disk(obj: _Object) -> EmptyDiskSource:
-    size = parse_quantity(obj.raw("size"), obj.at("size"))
-    if size < 1:
+    size = _quantity_field(obj, "size")
+    if size <= 0:
         raise SpecError(obj.at("size"), f"{obj.raw('size')!r} must be a positive size such as 10Gi")
-    return EmptyDiskSource(size=max(size, MIN_DISK))
+    return EmptyDiskSource(size=max(math.ceil(size), MIN_DISK))
 
 
 def _cloud_init(obj: _Object) -> CloudInitSource:
