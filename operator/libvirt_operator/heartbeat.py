@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -28,24 +29,22 @@ COUNTS_SECONDS = 2.0
 Counts = tuple[int, tuple[int, int]]
 
 
+@dataclass
 class NodeHeartbeat:
-    def __init__(self, settings: AgentSettings, kube: KubeClient, host: Host, tuning: Tuning, fleet: nodes.Fleet,
-                 ledger: placement.Ledger, election: Election, bodies: Mapping[str, Mapping[str, Any]],
-                 on_fleet_change: Callable[[], Awaitable[None]]) -> None:
-        self.settings = settings
-        self.kube = kube
-        self.host = host
-        self.tuning = tuning
-        self.fleet = fleet
-        self.ledger = ledger
-        self.election = election
-        self.bodies = bodies
-        self.on_fleet_change = on_fleet_change
-        """Called when the fleet or this agent's leadership changed: the VMs are looked at again."""
-        self._lock = asyncio.Lock()
-        self._published_counts: Counts | None = None
-        self.capacity: HostCapacity | None = None
-        """The host's capacity as last read; the heartbeat sends it without asking libvirt."""
+    settings: AgentSettings
+    kube: KubeClient
+    host: Host
+    tuning: Tuning
+    fleet: nodes.Fleet
+    ledger: placement.Ledger
+    election: Election
+    bodies: Mapping[str, Mapping[str, Any]]
+    on_fleet_change: Callable[[], Awaitable[None]]
+    """Called when the fleet or this agent's leadership changed: the VMs are looked at again."""
+    capacity: HostCapacity | None = field(default=None, init=False)
+    """The host's capacity as last read; the heartbeat sends it without asking libvirt."""
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _published_counts: Counts | None = field(default=None, init=False)
 
     async def refresh_capacity(self) -> None:
         first = self.capacity is None
