@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from libvirt_operator.spec import (
-    CloudInitSource, EmptyDiskSource, HttpSource, ImageSource, SpecError, VolumeSource, parse_quantity, parse_spec,
+    POSITIVE_QUANTITY, CloudInitSource, EmptyDiskSource, HttpSource, ImageSource, SpecError, VolumeSource, parse_quantity, parse_spec,
     spec_hash,
 )
 
@@ -160,3 +162,11 @@ def test_a_cdrom_is_read_only_on_sata_by_default_and_never_on_virtio() -> None:
         with pytest.raises(SpecError) as error:
             parse_spec({"memory": "1Gi", "disks": [bad]})
         assert error.value.field == field, error.value
+
+
+def test_the_size_pattern_is_the_crds() -> None:
+    crd = yaml.safe_load((Path(__file__).parent.parent / "crds" / "virtualmachine.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    disk_size = spec["disks"]["items"]["properties"]["emptyDisk"]["properties"]["size"]
+    assert spec["memory"]["pattern"] == disk_size["pattern"] == POSITIVE_QUANTITY.pattern
+    assert f"self.matches('{POSITIVE_QUANTITY.pattern}') && isQuantity(self)" in spec["memory"]["x-kubernetes-validations"][0]["rule"]

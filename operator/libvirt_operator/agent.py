@@ -2,8 +2,8 @@
 
 It keeps the latest body of every VirtualMachine (fed by the watch), wakes a per-VM work
 queue on a body change, a domain change (the cache's events) or the resync timer, and for each
-wake-up runs `reconcile.decide` until no action is left, then writes status once, only if it
-changed. Nothing here imports libvirt or kopf.
+wake-up runs one `vm_run.VMRun` (decide, act, until no action is left; one status write through
+`status_writer`). The node's own LibvirtNode is `heartbeat`'s. Nothing here imports libvirt or kopf.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ class Agent:
         await self.host.start()
         # The first heartbeat runs beside the rest: reading capacity asks every guest's QEMU,
         # which takes seconds when the guests keep the CPUs busy, and VMs need none of it.
-        self._tasks = [asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.node.beat, at_once=True)),
-                       asyncio.create_task(self._every(self.tuning.heartbeat_seconds, self.node.refresh_capacity,
-                                                       at_once=True)),
+        beat = self.tuning.heartbeat_seconds
+        self._tasks = [asyncio.create_task(self._every(beat, self.node.heartbeat, at_once=True)),
+                       asyncio.create_task(self._every(beat, self.node.refresh_capacity, at_once=True)),
                        asyncio.create_task(self._every(COUNTS_SECONDS, self.node.publish_changed_counts)),
                        asyncio.create_task(self._reconcile_once_listed())]
 
@@ -208,7 +208,7 @@ class Agent:
         log.warning("libvirt %s: %s", health.state, health.message or "answering again")
         for uid in self.bodies:
             self.queue.add(uid)
-        self._background(self.node.beat())
+        self._background(self.node.heartbeat())
 
     # --- one reconcile -----------------------------------------------------------------
 

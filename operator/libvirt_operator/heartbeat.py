@@ -54,9 +54,9 @@ class NodeHeartbeat:
             log.info("capacity not read: %s", error)
             return
         if first:  # the node offers nothing to placement until its capacity is published
-            await self.beat()
+            await self.heartbeat()
 
-    async def beat(self) -> None:
+    async def heartbeat(self) -> None:
         """Announces this agent, its libvirt's health and the capacity last read; refreshes the list of live
         agents and renews (or tries to take) the placement Lease."""
         async with self._lock:

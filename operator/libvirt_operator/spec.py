@@ -21,8 +21,12 @@ from libvirt_operator import quantity
 MIN_MEMORY = 16 * 1024**2
 MIN_DISK = 1024**2
 MAX_QUANTITY = 2**60
-"""1Ei: the CRD's bound on memory and disk sizes (beyond it an exponent would make the agent compute a huge number)."""
+"""1Ei: the most a quantity given on the command line may be."""
 MAX_QUANTITY_LENGTH = 32
+POSITIVE_QUANTITY = re.compile(r"^[+]?([0-9]*[1-9][0-9]*([.][0-9]*)?|[0-9]*[.][0-9]*[1-9][0-9]*)([KMGTPE]i|[numkMGTPE]|[eE][+-]?0*[0-9]{1,2})?$")
+"""The CRD's pattern of memory and disk sizes written as strings: positive, and an exponent of at most two digits,
+so a size stays a small number. The API server parses `1e2147483648` for a minute (apimachinery rounds it to a
+nano unit through 10^(2^31)): the CRD's memory rule matches this before it calls isQuantity."""
 RUN_STRATEGIES = ("Always", "Halted", "Manual", "RerunOnFailure", "Once")
 UPDATE_STRATEGIES = ("OnRestart", "Restart")
 FIRMWARES = ("bios", "uefi")
@@ -171,7 +175,7 @@ _SOURCE_KEYS: dict[type, str] = {
 
 def quantity_value(value: Any, field: str) -> Decimal:
     """A Kubernetes quantity (`512Mi`, `1.5Gi`, `2G`, `1e9`, `1000m`, `1048576`) exactly as the API server reads
-    it; a negative one, or one over 1Ei, is refused."""
+    it; a negative one is refused."""
     amount: Decimal | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         amount = Decimal(value)
@@ -181,21 +185,25 @@ def quantity_value(value: Any, field: str) -> Decimal:
         raise SpecError(field, f"{value!r} is not a quantity; write e.g. 512Mi, 1.5Gi, 2G or a number of bytes")
     if amount < 0:
         raise SpecError(field, f"{value!r} is negative; give a size such as 512Mi")
-    if amount > MAX_QUANTITY:
-        raise SpecError(field, f"{value!r} is over 1Ei; give a size such as 512Mi")
     return amount
 
 
 def parse_quantity(value: Any, field: str) -> int:
-    """A quantity as whole bytes, rounded up."""
-    return math.ceil(quantity_value(value, field))
+    """A quantity of at most 1Ei as whole bytes, rounded up."""
+    amount = quantity_value(value, field)
+    if amount > MAX_QUANTITY:
+        raise SpecError(field, f"{value!r} is over 1Ei; give a size such as 512Mi")
+    return math.ceil(amount)
 
 
-def _quantity_field(obj: _Object, key: str) -> Decimal:
-    """A quantity field of the spec, no longer than the CRD's maxLength when written as a string."""
+def _size(obj: _Object, key: str) -> Decimal:
+    """A size field of the spec: a string as the CRD's maxLength and pattern allow."""
     value = obj.raw(key)
     if isinstance(value, str) and len(value) > MAX_QUANTITY_LENGTH:
         raise SpecError(obj.at(key), f"{value!r} is longer than {MAX_QUANTITY_LENGTH} characters")
+    if isinstance(value, str) and quantity.parse(value) is not None and not POSITIVE_QUANTITY.match(value):
+        raise SpecError(obj.at(key), f"{value!r} is not a positive size such as 512Mi, 10Gi or 1e10 "
+                        "(an exponent has at most two digits)")
     return quantity_value(value, obj.at(key))
 
 
@@ -318,7 +326,7 @@ def _cpu(spec: _Object) -> CPU:
 
 
 def _memory(spec: _Object) -> int:
-    memory = _quantity_field(spec, "memory")
+    memory = _size(spec, "memory")
     if memory < MIN_MEMORY:
         raise SpecError(spec.at("memory"), f"{memory:f} bytes is too small; give at least 16Mi")
     return math.ceil(memory)
@@ -337,7 +345,7 @@ def _image(obj: _Object) -> ImageSource:
 
 
 def _empty_disk(obj: _Object) -> EmptyDiskSource:
-    size = _quantity_field(obj, "size")
+    size = _size(obj, "size")
     if size <= 0:
         raise SpecError(obj.at("size"), f"{obj.raw('size')!r} must be a positive size such as 10Gi")
     return EmptyDiskSource(size=max(math.ceil(size), MIN_DISK))
