@@ -21,20 +21,23 @@ def module_name(path: Path, package: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def imports(path: Path) -> set[str]:
+    """Every module name the file imports, and each name a `from` import takes from a module."""
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module)
+            imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return imported
+
+
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Each module of the package and the package's modules it imports."""
     modules = {module_name(path, package): path for path in package.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        imported: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                imported.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                imported.add(node.module)
-                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
-        graph[name] = {target for target in imported if target in modules and target != name}
-    return graph
+    return {name: {target for target in imports(path) if target in modules and target != name}
+            for name, path in modules.items()}
 
 
 def test_the_operator_has_no_import_cycle() -> None:
@@ -54,3 +57,9 @@ def test_a_cycle_is_found(tmp_path: Path) -> None:
     (package / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from libvirt_operator.a import A\n")
     with pytest.raises(graphlib.CycleError):
         tuple(graphlib.TopologicalSorter(import_graph(package)).static_order())
+
+
+def test_only_the_kopf_wiring_imports_kopf() -> None:
+    importers = {module_name(path, PACKAGE) for path in PACKAGE.rglob("*.py")
+                 if any(name.split(".")[0] == "kopf" for name in imports(path))}
+    assert importers <= {"libvirt_operator.handlers", "libvirt_operator.cli"}

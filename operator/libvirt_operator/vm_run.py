@@ -5,6 +5,7 @@ the Host) and the API server.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ class RunContext(Protocol):
     queue: WorkQueue
     status: StatusWriter
     bodies: dict[str, dict[str, Any]]
-    clock: Callable[[], Any]
+    clock: Callable[[], datetime.datetime]
 
     def retry_delay(self, uid: str) -> float: ...
 
