@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from libvirt_operator.spec import (
-    POSITIVE_QUANTITY, CloudInitSource, EmptyDiskSource, HttpSource, ImageSource, SpecError, VolumeSource, parse_quantity, parse_spec,
-    spec_hash,
+    CloudInitSource, EmptyDiskSource, HttpSource, ImageSource, SpecError, VolumeSource, parse_spec, spec_hash,
 )
+from libvirt_operator.spec_fields import POSITIVE_QUANTITY, parse_quantity
 
 pytestmark = pytest.mark.unit
 

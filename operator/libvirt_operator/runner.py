@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 from libvirt_operator.model import VCPU_SCHEDULERS, AgentSettings, DownloadPolicy, PlacementPolicy, Tuning
-from libvirt_operator.spec import SpecError, parse_quantity
+from libvirt_operator.spec_fields import SpecError, parse_quantity
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
