@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from libvirt_operator.guest import parse_domain
+from libvirt_operator.domain_xml import DomainDefinition
 from test_guest_xml import assert_valid, render_manifest
 
 UID = "0b7e4f2c-3d5a-4e6f-8a9b-1c2d3e4f5a6b"
@@ -123,7 +123,7 @@ def test_every_admitted_spec_renders_schema_valid_xml_that_reads_back(manifest: 
     xml = render_manifest(manifest, uid=UID)
     assert_valid(xml)
     assert render_manifest(manifest, uid=UID) == xml
-    facts = parse_domain(xml)
+    facts = DomainDefinition.from_xml(xml)
     assert [disk.name for disk in facts.disks] == [disk["name"] for disk in manifest["spec"].get("disks", [])]
     given_macs = [i["macAddress"].lower() for i in manifest["spec"].get("interfaces", []) if "macAddress" in i]
     assert set(given_macs) <= set(facts.mac_addresses)
