@@ -380,3 +380,67 @@ def test_the_agents_vcpu_scheduler_reaches_the_guests_vcpu_threads_only(
     assert sorted(vcpus) == ["CPU 0/TCG", "CPU 1/TCG"] and set(vcpus.values()) == {policy}, policies
     assert {value for name, value in policies.items() if name not in vcpus} == {os.SCHED_OTHER}, \
         "QEMU's own threads (main loop, monitor) keep the normal policy"
+
+
+OUTSIDE_EDITS = {  # parent in the domain XML: an element no field of the operator models
+    "features": "<pmu state='off'/>",
+    "features/": "<hyperv mode='custom'><relaxed state='on'/></hyperv>",
+    "os": "<bootmenu enable='yes' timeout='3000'/>",
+    "devices": "<watchdog model='i6300esb' action='poweroff'/>",
+    "devices/": "<channel type='unix'><target type='virtio' name='org.example.agent.0'/></channel>",
+}
+
+
+def _edited_outside(xml: str) -> str:
+    """`xml` as someone left it with `virsh edit`: a `<features>` flag, an `<os>` child, devices the operator
+    does not make, and an attribute the operator does not model on a disk it does."""
+    root = etree.fromstring(xml.encode())
+    for parent, element in OUTSIDE_EDITS.items():
+        root.find(parent.rstrip("/")).append(etree.fromstring(element))
+    root.xpath("devices/disk[alias/@name='ua-disk-root']/driver")[0].set("cache", "none")
+    return etree.tostring(root, encoding="unicode")
+
+
+def _outside_edits(xml: str) -> dict[str, bool]:
+    root = etree.fromstring(xml.encode())
+    return {path: len(root.xpath(path)) == 1 for path in (
+        "features/pmu[@state='off']", "features/hyperv/relaxed[@state='on']", "os/bootmenu[@enable='yes']",
+        "devices/watchdog[@model='i6300esb']", "devices/channel/target[@name='org.example.agent.0']",
+        "devices/disk[alias/@name='ua-disk-root']/driver[@cache='none']")}
+
+
+def test_a_domain_edited_outside_the_modelled_fields_keeps_the_edits_across_a_spec_change_and_a_redefine(
+    conn: libvirt.virConnect, vm: VMRef, settings: AgentSettings,
+) -> None:
+    """Edits nobody asked the operator for survive its redefine; what the spec says (memory, vCPUs, disks,
+    interfaces, boot order, firmware) follows the spec, whatever libvirt filled in for the old one (a
+    `<boot dev='hd'/>` it refuses beside a disk's boot order, the UEFI loader it picked)."""
+    before = {"domainType": "qemu", "memory": "64Mi", "cpu": {"cores": 1}, "firmware": "uefi",
+              "disks": [{"name": "root", "emptyDisk": {"size": "1Mi"}}, {"name": "old", "emptyDisk": {"size": "1Mi"}}],
+              "interfaces": [{"name": "nic", "user": {}, "model": "e1000"}]}
+    after = {**before, "memory": "128Mi", "cpu": {"cores": 2}, "firmware": "bios",
+             "disks": [{"name": "root", "bootOrder": 1, "emptyDisk": {"size": "1Mi"}}, {"name": "new", "bus": "scsi",
+                                                                        "emptyDisk": {"size": "2Mi"}}],
+             "interfaces": [{"name": "nic", "user": {}, "model": "virtio"}, {"name": "second", "user": {}}]}
+
+    def apply(raw: dict[str, Any], generation: int) -> DomainDefinition:
+        owner = OwnerMetadata(uid=vm.uid, namespace=vm.namespace, name=vm.name, generation=generation,
+                              spec_hash=spec_hash(raw))
+        guest.apply_definition(conn, parse_spec(raw), vm, settings, owner, {}.get)
+        return DomainDefinition.from_xml(Guest.lookup(conn, vm.uid).persistent_xml())
+
+    assert apply(before, 1).boot_devices, "libvirt adds <boot dev='hd'/> where no disk has a boot order"
+    conn.defineXML(_edited_outside(Guest.lookup(conn, vm.uid).persistent_xml()))
+    defined = apply(after, 2)
+
+    assert all(_outside_edits(defined.to_xml()).values()), _outside_edits(defined.to_xml())
+    assert (defined.memory_kib, defined.vcpus, defined.owner.generation) == (128 * 1024, 2, 2)
+    assert [(disk.name, disk.bus) for disk in defined.disks] == [("root", "virtio"), ("new", "scsi")]
+    assert [(nic.name, nic.model) for nic in defined.network_interfaces] == [("nic", "virtio"), ("second", "virtio")]
+    assert (defined.disks[0].boot_order, defined.boot_devices, defined.firmware, defined.loader, defined.nvram) == (
+        1, False, None, False, None)
+
+    again = apply(before, 3)
+    assert all(_outside_edits(again.to_xml()).values()), _outside_edits(again.to_xml())
+    assert (again.memory_kib, again.vcpus, [disk.name for disk in again.disks]) == (64 * 1024, 1, ["root", "old"])
+    assert (again.firmware, again.nvram) == ("efi", str(settings.state_dir / "nvram" / f"{vm.uid}_VARS.fd"))
