@@ -200,8 +200,10 @@ def test_a_definition_reads_back_disks_macs_and_owner() -> None:
 
 
 def _live_definition(rendered: str) -> str:
-    """`rendered` as libvirt would hand it back: addresses, a seclabel, a USB controller, another tool's metadata."""
+    """`rendered` as libvirt would hand it back: addresses, a seclabel, a USB controller, another tool's metadata,
+    fewer vCPUs online (`virsh setvcpus --config`)."""
     root = etree.fromstring(rendered.encode())
+    root.find("vcpu").set("current", "1")
     etree.SubElement(root.find("metadata"), "{urn:other-tool}note", nsmap={"o": "urn:other-tool"}).text = "keep me"
     etree.SubElement(etree.SubElement(root, "resource"), "partition").text = "/machine"
     etree.SubElement(root, "seclabel", type="dynamic", model="dac", relabel="yes")
@@ -224,6 +226,7 @@ def test_merge_replaces_what_the_operator_models_and_keeps_the_rest() -> None:
     merged = assert_valid(merge(live, render_manifest(new)))
 
     assert _one(merged, "memory").text == str(2 * 2**20)
+    assert _one(merged, "vcpu").get("current") is None, "every vCPU of the spec online"
     assert _one(merged, "seclabel").get("model") == "dac" and _one(merged, "resource/partition").text == "/machine"
     assert _one(merged, "metadata/*[local-name()='note']").text == "keep me"
     assert len(merged.findall(f"metadata/{OWNER_TAG}")) == 1
@@ -234,6 +237,33 @@ def test_merge_replaces_what_the_operator_models_and_keeps_the_rest() -> None:
     base = _one(merged, "devices/disk[alias/@name='ua-disk-base']")
     assert base.find("target").get("bus") == "scsi" and base.find("address") is None, "a bus change drops the PCI address"
     assert len(merged.findall("devices/serial")) == 1 and len(merged.findall("devices/interface")) == 3
+
+
+OUTSIDE_EDITS = [  # (parent, what someone added there): nothing the operator models
+    ("features", "<pmu state='off'/>"), ("features", "<hyperv mode='custom'><relaxed state='on'/></hyperv>"),
+    ("os", "<bootmenu enable='yes'/>"), ("cpu", "<feature policy='require' name='x2apic'/>"),
+    ("clock", "<timer name='kvmclock' present='yes'/>"), ("devices", "<watchdog model='i6300esb' action='poweroff'/>"),
+    ("devices", "<channel type='pty'><target type='virtio' name='org.example.0'/></channel>"),
+    ("devices/interface", "<link state='down'/>"), ("devices/disk", "<serial>lvo-keep</serial>"),
+]
+
+
+@pytest.mark.parametrize(("parent", "edit"), OUTSIDE_EDITS, ids=[edit.split()[0][1:] for _, edit in OUTSIDE_EDITS])
+def test_an_edit_outside_the_modelled_fields_survives_a_merge_of_a_changed_spec(parent: str, edit: str) -> None:
+    live = etree.fromstring(render_manifest(SAMPLES["every-field"]).encode())
+    live.find(parent).append(etree.fromstring(edit))
+    changed = yaml.safe_load(yaml.safe_dump(SAMPLES["every-field"]))
+    changed["spec"]["memory"] = "2Gi"
+    changed["spec"]["cpu"] = {"cores": 3}
+    changed["spec"].pop("kernelBoot")
+
+    merged = assert_valid(merge(etree.tostring(live, encoding="unicode"), render_manifest(changed)))
+
+    added = etree.fromstring(edit)
+    kept = [e for e in merged.find(parent) if e.tag == added.tag and e.attrib == added.attrib]
+    assert len(kept) == 1, etree.tostring(merged.find(parent), encoding="unicode")
+    assert (_one(merged, "memory").text, _one(merged, "vcpu").text) == (str(2 * 2**20), "3")
+    assert merged.find("os/kernel") is None and merged.find("cpu/model") is None, "what the spec dropped goes"
 
 
 def test_a_definition_with_the_older_ua_name_aliases_reads_back_and_merges_by_name() -> None:

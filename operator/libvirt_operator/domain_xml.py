@@ -192,6 +192,8 @@ class DomainDefinition(XMLObject):
     current_memory_unit = XMLProperty("currentMemory/@unit")
     vcpus = XMLProperty("vcpu", int)
     vcpu_placement = XMLProperty("vcpu/@placement")
+    vcpus_online = XMLProperty("vcpu/@current", int)
+    """Never rendered: every vCPU the spec gives is online (a `virsh setvcpus --config` count goes)."""
     cpu_mode = XMLProperty("cpu/@mode")
     cpu_match = XMLProperty("cpu/@match")
     cpu_model = XMLProperty("cpu/model")
