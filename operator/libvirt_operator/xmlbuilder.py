@@ -73,11 +73,6 @@ def _remove(root: etree._Element, path: tuple[str, ...]) -> None:
 class Field:
     """A modelled field of an `XMLObject`: read with `getattr`, written with `setattr`."""
 
-    name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
     def read(self, element: etree._Element) -> Any:
         raise NotImplementedError
 
@@ -116,7 +111,8 @@ class XMLProperty(Field):
         return None if raw is None else self.kind(raw)
 
     def write(self, element: etree._Element, value: Any, order: tuple[str, ...]) -> None:
-        if self.kind is bool and not value or value is None and not self.attribute:
+        element_goes = not value if self.kind is bool else value is None and not self.attribute
+        if element_goes:
             _remove(element, self.path)
         elif value is None:
             found = _find(element, self.path)
