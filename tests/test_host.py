@@ -30,7 +30,7 @@ from libvirt_operator import metadata
 from libvirt_operator.domains import DomainCache
 from libvirt_operator.host import Host, HostEvent, HostUnavailable, list_all_domains, read_owner
 from libvirt_operator.model import OwnerMetadata
-from libvirt_operator.testing import libvirt_env
+from lvo_testing import libvirt_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
