@@ -64,7 +64,8 @@ def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_t
     """Define + start of `n` guests through libvirt alone, 100 ms apart; the domains are removed after."""
     import libvirt
     from e2e import guest_spec
-    from libvirt_operator.guest import plan_disks, render
+    from libvirt_operator.disk_plan import plan_disks
+    from libvirt_operator.domain_xml import render
     from libvirt_operator.model import AgentSettings, VMRef
     from libvirt_operator.spec import parse_spec
 

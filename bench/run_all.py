@@ -111,7 +111,7 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
 
 def console_logs(namespace: str, names: list[str]) -> dict[Path, int]:
     """Each guest's console log and its size now (logs are appended to across runs)."""
-    from libvirt_operator.guest import console_log_path
+    from libvirt_operator.domain_xml import console_log_path
     from libvirt_operator.model import AgentSettings, VMRef
 
     settings = AgentSettings()
