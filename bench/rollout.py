@@ -10,7 +10,7 @@ Ceiling: with no agent running, a plain Python client creates the same N objects
 it can (unpaced). The rollout/ceiling ratio says how far the agent is from keeping up.
 
 QEMU ceiling: with no agent and no API server in the loop, the same N guests' domain XML (rendered
-by the operator's own `guest.render`) is defined and started straight through libvirt, one thread
+by the operator's own `domain_xml.render`) is defined and started straight through libvirt, one thread
 per guest on the same 100 ms schedule: what this machine gives when nothing but libvirtd and
 QEMU does the work.
 """
