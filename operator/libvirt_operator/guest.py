@@ -8,6 +8,7 @@ with `await host.call(fn, ...)`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -22,7 +23,7 @@ import pycdlib
 import yaml
 from lxml import etree
 
-from libvirt_operator import allowlist, downloads, images
+from libvirt_operator import allowlist, downloads, images, qemu_access
 from libvirt_operator.metadata import (
     DISK_ALIAS_PREFIX, INTERFACE_ALIAS_PREFIX, OWNER_TAG, interfaces_from_domain, owner_element, owner_from_domain, parse,
     spec_name,
@@ -199,16 +200,26 @@ def _target_name(prefix: str, index: int) -> str:
     return prefix + letters
 
 
+def _not_relabelled() -> etree._Element:
+    """For a file VMs share read-only: libvirt's DAC driver would chown it to QEMU's user for good (see qemu_access)."""
+    return _e("seclabel", model="dac", relabel="no")
+
+
 def _backing_store(backing: tuple[str, str] | None) -> etree._Element | None:
     """The whole chain under an overlay, ending in an empty `<backingStore/>`: libvirt probes nothing."""
     if backing is None:
         return None
     path, fmt = backing
-    return _e("backingStore", _e("format", type=fmt), _e("source", file=path), _e("backingStore"), type="file")
+    return _e("backingStore", _e("format", type=fmt), _e("source", _not_relabelled(), file=path), _e("backingStore"),
+              type="file")
 
 
 def _disk(disk: ResolvedDisk, target: str) -> etree._Element:
-    source = _e("source", file=disk.path) if disk.kind == "file" else _e("source", pool=disk.pool, volume=disk.volume)
+    if disk.kind == "file":
+        shared = disk.read_only and not disk.owned
+        source = _e("source", _not_relabelled() if shared else None, file=disk.path)
+    else:
+        source = _e("source", pool=disk.pool, volume=disk.volume)
     return _e(
         "disk",
         _e("driver", name="qemu", type=disk.format),
@@ -502,7 +513,16 @@ class _Provisioner:
     domain_active: bool = False
     """A running domain holds its owned disks open: they are replaced or grown at its next boot instead."""
     created: list[libvirt.virStorageVol] = field(default_factory=list)
+    domain_type: str = "qemu"
     _pool: libvirt.virStoragePool | None = None
+
+    @functools.cached_property
+    def qemu(self) -> qemu_access.QemuIdentity | None:
+        return qemu_access.identity_from_capabilities(self.conn.getCapabilities(), self.domain_type)
+
+    def require_qemu_reads(self, path: str, field_path: str) -> None:
+        """A file VMs share, which libvirt leaves as it is: QEMU's user must be able to read it."""
+        qemu_access.require_readable(self.qemu, path, field_path)
 
     def pool(self, field_path: str) -> libvirt.virStoragePool:
         if self._pool is None:
@@ -558,6 +578,8 @@ class _Provisioner:
     def image(self, disk: Disk, field_path: str) -> ResolvedDisk:
         source = disk.source
         info = images.checked_image(source.path, source.format, f"{field_path}.image.path")
+        if source.clone or disk.read_only:
+            self.require_qemu_reads(source.path, f"{field_path}.image.path")
         if source.clone:
             return self.overlay(disk, field_path, info)
         return _resolved(disk, kind="file", path=source.path, format=info.format)
@@ -605,6 +627,7 @@ class _Provisioner:
         if not _holds_file(cached):
             return self.overlay(disk, field_path, images.ImageInfo(cached.path(), "raw", MIN_SIMULATED_SIZE,
                                                                    None, None, None))
+        qemu_access.seal_shared_base(cached.path())
         return self.overlay(disk, field_path, images.checked_image(cached.path(), None, f"{field_path}.http.url"))
 
     def fetch(self, source: HttpSource, name: str, field_path: str) -> libvirt.virStorageVol:
@@ -656,6 +679,7 @@ class _Provisioner:
 
     def provision(self, spec: VMSpec) -> list[ResolvedDisk]:
         """The volumes behind `spec`'s disks (its paths confined), once it names nothing the agent forbids."""
+        self.domain_type = spec.domain_type or self.settings.domain_type
         refuse_agent_files(spec, self.settings)
         allowlist.refuse_unlisted(spec, self.settings)
         self.check_interfaces(spec)
@@ -740,7 +764,7 @@ def delete_owned_volumes(conn: libvirt.virConnect, uid: str, settings: AgentSett
 
 def _prepare_host_dirs(spec: VMSpec, settings: AgentSettings) -> None:
     if spec.firmware == "uefi":
-        (settings.state_dir / "nvram").mkdir(parents=True, exist_ok=True)
+        qemu_access.make_reachable_dir(settings.state_dir / "nvram")  # QEMU opens the NVRAM file itself
     if spec.console.log:
         settings.console_log_dir.mkdir(parents=True, exist_ok=True)
 
