@@ -30,6 +30,7 @@ from libvirt_operator.spec import SpecError, parse_spec, spec_hash
 from libvirt_operator.testing.libvirt_env import DEFAULT_POOL_PATH, GuestImage
 from test_foundation_libvirt import wait_for_line
 from test_guest_libvirt import conn, serving, settings  # noqa: F401 - fixtures
+from test_images_libvirt import made  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.libvirt
 
@@ -39,29 +40,15 @@ QEMU_USER = pwd.getpwnam("libvirt-qemu")
 @pytest.fixture
 def make_vm(conn: libvirt.virConnect, settings: AgentSettings) -> Iterator[Callable[[], VMRef]]:
     """Fresh VirtualMachine identities; their domains and owned volumes are removed afterwards."""
-    made: list[VMRef] = []
+    refs: list[VMRef] = []
 
     def make() -> VMRef:
-        made.append(VMRef(uid=str(uuid.uuid4()), namespace="lvo-test", name=f"vm-{uuid.uuid4().hex[:8]}"))
-        return made[-1]
+        refs.append(VMRef(uid=str(uuid.uuid4()), namespace="lvo-test", name=f"vm-{uuid.uuid4().hex[:8]}"))
+        return refs[-1]
 
     yield make
-    for vm in made:
+    for vm in refs:
         guest.undefine_and_delete(conn, vm.uid, settings)
-
-
-@pytest.fixture
-def pool_file() -> Iterator[Callable[[str], Path]]:
-    """Paths in the pool directory (inside the allowed root), removed afterwards."""
-    paths: list[Path] = []
-
-    def path(suffix: str) -> Path:
-        paths.append(DEFAULT_POOL_PATH / f"lvo-test-{uuid.uuid4().hex[:8]}{suffix}")
-        return paths[-1]
-
-    yield path
-    for p in paths:
-        p.unlink(missing_ok=True)
 
 
 def boot(conn: libvirt.virConnect, vm: VMRef, settings: AgentSettings, guest_image: GuestImage,
@@ -108,8 +95,8 @@ def qemu_opens(dom: libvirt.virDomain, path: Path) -> str | None:
 
 def test_qemu_runs_as_libvirt_qemu_and_opens_only_what_its_domain_names(
         conn: libvirt.virConnect, settings: AgentSettings, guest_image: GuestImage, make_vm: Callable[[], VMRef],
-        pool_file: Callable[[str], Path]) -> None:
-    secret, public = pool_file(".img"), pool_file(".img")
+        made: Callable[[str], Path]) -> None:
+    secret, public = made(".img"), made(".img")
     for path, mode in ((secret, 0o600), (public, 0o644)):
         path.write_bytes(b"LVO-NOT-FOR-THE-GUEST" * 100)
         os.chown(path, 0, 0)
@@ -128,12 +115,12 @@ def test_qemu_runs_as_libvirt_qemu_and_opens_only_what_its_domain_names(
 
 
 @contextlib.contextmanager
-def shared_base(conn: libvirt.virConnect, guest_image: GuestImage, kind: str, pool_file: Callable[[str], Path],
+def shared_base(conn: libvirt.virConnect, guest_image: GuestImage, kind: str, made: Callable[[str], Path],
                 tmp_path: Path) -> Iterator[tuple[dict[str, Any], Path]]:
     """A copy of the test guest's base disk, root-owned, as an `image` to clone or an `http` download:
     the disk source for the spec, and the base file QEMU reads under each VM's overlay."""
     if kind == "image":
-        base = pool_file(".qcow2")
+        base = made(".qcow2")
         shutil.copyfile(guest_image.disk, base)
         os.chown(base, 0, 0)
         base.chmod(0o644)
@@ -149,8 +136,8 @@ def shared_base(conn: libvirt.virConnect, guest_image: GuestImage, kind: str, po
 @pytest.mark.parametrize("kind", ["image", "http"])
 def test_a_shared_base_serves_each_vm_whatever_the_other_does_and_keeps_its_owner(
         conn: libvirt.virConnect, settings: AgentSettings, guest_image: GuestImage, make_vm: Callable[[], VMRef],
-        pool_file: Callable[[str], Path], tmp_path: Path, kind: str) -> None:
-    with shared_base(conn, guest_image, kind, pool_file, tmp_path) as (source, base):
+        made: Callable[[str], Path], tmp_path: Path, kind: str) -> None:
+    with shared_base(conn, guest_image, kind, made, tmp_path) as (source, base):
         first, second = make_vm(), make_vm()
         for vm in (first, second):
             boot(conn, vm, settings, guest_image, {}, [{"name": "root", **source}])
@@ -194,9 +181,9 @@ def test_a_uefi_guest_starts_with_its_nvram_in_a_state_dir_made_under_a_strict_u
 
 def test_a_shared_image_qemu_cannot_read_is_refused_naming_the_field(
         conn: libvirt.virConnect, settings: AgentSettings, guest_image: GuestImage, make_vm: Callable[[], VMRef],
-        pool_file: Callable[[str], Path]) -> None:
+        made: Callable[[str], Path]) -> None:
     """libvirt is told not to relabel a base VMs share, so one only root may read is refused before QEMU starts."""
-    base = pool_file(".qcow2")
+    base = made(".qcow2")
     shutil.copyfile(guest_image.disk, base)
     base.chmod(0o600)
     vm = make_vm()
