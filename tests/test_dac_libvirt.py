@@ -96,14 +96,16 @@ def qemu_opens(dom: libvirt.virDomain, path: Path) -> str | None:
 def test_qemu_runs_as_libvirt_qemu_and_opens_only_what_its_domain_names(
         conn: libvirt.virConnect, settings: AgentSettings, guest_image: GuestImage, make_vm: Callable[[], VMRef],
         made: Callable[[str], Path]) -> None:
-    secret, public = made(".img"), made(".img")
-    for path, mode in ((secret, 0o600), (public, 0o644)):
-        path.write_bytes(b"LVO-NOT-FOR-THE-GUEST" * 100)
+    secret, public, shared = made(".img"), made(".img"), made(".img")
+    for path, mode in ((secret, 0o600), (public, 0o644), (shared, 0o644)):
+        path.write_bytes(b"LVO-NOT-FOR-THE-GUEST".ljust(1 << 20))
         os.chown(path, 0, 0)
         path.chmod(mode)
     vm = make_vm()
-    boot(conn, vm, settings, guest_image, {}, [{"name": "root", "image": {"path": str(guest_image.disk), "clone": True}}])
+    boot(conn, vm, settings, guest_image, {}, [{"name": "root", "image": {"path": str(guest_image.disk), "clone": True}},
+                                               {"name": "ro", "readOnly": True, "image": {"path": str(shared)}}])
     wait_reads_base(vm, settings, guest_image)
+    assert owner_and_mode(shared) == (0, 0, 0o644), "a read-only image VMs may share is not handed to QEMU's user"
 
     uids, gids = qemu_ids(vm)
     assert uids == {QEMU_USER.pw_uid} and gids == {QEMU_USER.pw_gid}, f"QEMU runs as uids {uids}, gids {gids}"
