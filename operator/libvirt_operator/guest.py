@@ -628,6 +628,7 @@ class _Provisioner:
             return self.overlay(disk, field_path, images.ImageInfo(cached.path(), "raw", MIN_SIMULATED_SIZE,
                                                                    None, None, None))
         qemu_access.seal_shared_base(cached.path())
+        self.require_qemu_reads(cached.path(), f"{field_path}.http.url")
         return self.overlay(disk, field_path, images.checked_image(cached.path(), None, f"{field_path}.http.url"))
 
     def fetch(self, source: HttpSource, name: str, field_path: str) -> libvirt.virStorageVol:
