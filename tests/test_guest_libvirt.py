@@ -4,6 +4,7 @@ helpers, and a real QEMU guest booting from a cloned disk with a cloud-init seed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -117,14 +118,24 @@ def served_image(conn: libvirt.virConnect, tmp_path: Path) -> Iterator[ServedIma
     root.mkdir()
     image = root / "image.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    with serving(conn, image) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serving(conn: libvirt.virConnect, image: Path) -> Iterator[ServedImage]:
+    """`image` served over HTTP on loopback; the per-node cache volume made of it is removed afterwards."""
+    root = image.parent
     handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    served = ServedImage(f"http://127.0.0.1:{server.server_address[1]}/image.qcow2",
+    served = ServedImage(f"http://127.0.0.1:{server.server_address[1]}/{image.name}",
                          hashlib.sha256(image.read_bytes()).hexdigest())
-    yield served
-    server.shutdown()
+    try:
+        yield served
+    finally:
+        server.shutdown()
     for name in _pool_volumes(conn, served.cache_volume):
         conn.storagePoolLookupByName(DEFAULT_POOL).storageVolLookupByName(name).delete(0)
 

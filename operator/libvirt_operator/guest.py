@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import libvirt
 
+from libvirt_operator import qemu_access
 from libvirt_operator.domain_xml import merge, render
 from libvirt_operator.model import AgentSettings, OwnerMetadata, VMRef
 from libvirt_operator.paths import confine_spec
@@ -145,7 +146,7 @@ class Guest:
 
 def _prepare_host_dirs(spec: VMSpec, settings: AgentSettings) -> None:
     if spec.firmware == "uefi":
-        (settings.state_dir / "nvram").mkdir(parents=True, exist_ok=True)
+        qemu_access.make_reachable_dir(settings.state_dir / "nvram")  # QEMU opens the NVRAM file itself
     if spec.console.log:
         settings.console_log_dir.mkdir(parents=True, exist_ok=True)
 

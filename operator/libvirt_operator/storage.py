@@ -8,6 +8,7 @@ Refusals name the spec field (`spec.disks[i]...`) and say what to do.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -20,7 +21,7 @@ import libvirt
 import pycdlib
 import yaml
 
-from libvirt_operator import allowlist, downloads, images
+from libvirt_operator import allowlist, downloads, images, qemu_access
 from libvirt_operator.disk_plan import ResolvedDisk, http_cache_name, owned_volume_name, resolved, seed_volume_name
 from libvirt_operator.domain_xml import nvram_path
 from libvirt_operator.model import AgentSettings, VMRef
@@ -115,7 +116,16 @@ class Provisioner:
     domain_active: bool = False
     """A running domain holds its owned disks open: they are replaced or grown at its next boot instead."""
     created: list[libvirt.virStorageVol] = field(default_factory=list)
+    domain_type: str = "qemu"
     _pool: libvirt.virStoragePool | None = None
+
+    @functools.cached_property
+    def qemu(self) -> qemu_access.QemuIdentity | None:
+        return qemu_access.identity_from_capabilities(self.conn.getCapabilities(), self.domain_type)
+
+    def require_qemu_reads(self, path: str, field_path: str) -> None:
+        """A file VMs share, which libvirt leaves as it is: QEMU's user must be able to read it."""
+        qemu_access.require_readable(self.qemu, path, field_path)
 
     def pool(self, field_path: str) -> libvirt.virStoragePool:
         if self._pool is None:
@@ -171,6 +181,8 @@ class Provisioner:
     def image(self, disk: Disk, field_path: str) -> ResolvedDisk:
         source = disk.source
         info = images.checked_image(source.path, source.format, f"{field_path}.image.path")
+        if source.clone or disk.read_only:
+            self.require_qemu_reads(source.path, f"{field_path}.image.path")
         if source.clone:
             return self.overlay(disk, field_path, info)
         return resolved(disk, kind="file", path=source.path, format=info.format)
@@ -218,6 +230,8 @@ class Provisioner:
         if not _holds_file(cached):
             return self.overlay(disk, field_path, images.ImageInfo(cached.path(), "raw", MIN_SIMULATED_SIZE,
                                                                    None, None, None))
+        qemu_access.seal_shared_base(cached.path())
+        self.require_qemu_reads(cached.path(), f"{field_path}.http.url")
         return self.overlay(disk, field_path, images.checked_image(cached.path(), None, f"{field_path}.http.url"))
 
     def fetch(self, source: HttpSource, name: str, field_path: str) -> libvirt.virStorageVol:
@@ -268,6 +282,7 @@ class Provisioner:
 
     def provision(self, spec: VMSpec) -> list[ResolvedDisk]:
         """The volumes behind `spec`'s disks (its paths confined), once it names nothing the agent forbids."""
+        self.domain_type = spec.domain_type or self.settings.domain_type
         refuse_agent_files(spec, self.settings)
         allowlist.refuse_unlisted(spec, self.settings)
         self.check_interfaces(spec)
