@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from libvirt_operator import metadata
-from libvirt_operator.host import Host, legacy_list_domains
+from libvirt_operator.domain_listing import legacy_list_domains
+from libvirt_operator.host import Host
 from libvirt_operator.model import OwnerMetadata
 
 URI = "test:///default"

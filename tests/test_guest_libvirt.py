@@ -21,7 +21,7 @@ import pytest
 from lxml import etree
 
 from libvirt_operator import guest
-from libvirt_operator.host import Counted
+from libvirt_operator.counted_calls import Counted
 from libvirt_operator.model import AgentSettings, OwnerMetadata, VMRef
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
 from libvirt_operator.testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH, GuestImage

@@ -28,7 +28,9 @@ from lxml.builder import E
 
 from libvirt_operator import metadata
 from libvirt_operator.domains import DomainCache
-from libvirt_operator.host import Host, HostEvent, HostUnavailable, list_all_domains, read_owner
+from libvirt_operator.domain_listing import list_all_domains, read_owner
+from libvirt_operator.host import Host, HostEvent
+from libvirt_operator.libvirt_errors import HostUnavailable
 from libvirt_operator.model import OwnerMetadata
 from libvirt_operator.testing import libvirt_env
 

@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from libvirt_operator.host import DomainFacts, Host, HostEvent, HostUnavailable, LibvirtError
+from libvirt_operator.host import DomainFacts, Host, HostEvent
+from libvirt_operator.libvirt_errors import HostUnavailable, LibvirtError
 from libvirt_operator.model import DomainSnapshot
 
 log = logging.getLogger(__name__)
