@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from libvirt_operator.host import DomainFacts, Host, HostEvent
+from libvirt_operator.host import Host, HostEvent
 from libvirt_operator.libvirt_errors import HostUnavailable, LibvirtError
 from libvirt_operator.model import DomainSnapshot
 
@@ -33,11 +33,6 @@ class _Entry:
     revision: int
     snapshot: DomainSnapshot | None
     """None: a tombstone, the domain was gone (or no longer owned) at `revision`."""
-
-
-def snapshot_of(facts: DomainFacts, revision: int) -> DomainSnapshot:
-    fields = {f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)}
-    return DomainSnapshot(revision=revision, **fields)
 
 
 def _facts_differ(old: DomainSnapshot | None, new: DomainSnapshot | None) -> bool:
@@ -126,7 +121,7 @@ class DomainCache:
         revision = self.next_revision()
         listed = await self._host.read_domains()
         for facts in listed:
-            self.offer(snapshot_of(facts, revision))
+            self.offer(DomainSnapshot.stamped(facts, revision))
         present = {facts.uuid for facts in listed}
         for uuid in [uuid for uuid, entry in self._entries.items() if entry.snapshot and uuid not in present]:
             self.offer_removal(uuid, revision)
@@ -218,7 +213,7 @@ class DomainCache:
         if facts is None:
             self.offer_removal(uuid, revision)
         else:
-            self.offer(snapshot_of(facts, revision))
+            self.offer(DomainSnapshot.stamped(facts, revision))
 
     async def _relist_periodically(self) -> None:
         while True:

@@ -37,7 +37,7 @@ from libvirt_operator.host_capacity import CAPACITY_STATS, HostCapacity, read_ca
 from libvirt_operator.libvirt_errors import UNSUPPORTED, HostUnavailable, connection_lost, has_code
 from libvirt_operator.libvirt_event_loop import bind_event_loop
 from libvirt_operator.libvirt_health import HealthTracker
-from libvirt_operator.model import InterfaceFacts, OwnerMetadata, Tuning
+from libvirt_operator.model import DomainFacts, OwnerMetadata, Tuning
 from libvirt_operator.thread_connections import ThreadConnections
 
 log = logging.getLogger(__name__)
@@ -54,27 +54,6 @@ class HostEvent:
     uuid: str | None
     event: int = 0
     detail: int = 0
-
-
-@dataclass(frozen=True)
-class DomainFacts:
-    """One domain as read by `Host.read_domain`: state and statistics plus its XML's facts."""
-
-    uuid: str
-    name: str
-    state: str
-    reason: str
-    id: int | None
-    persistent: bool
-    config_owner: OwnerMetadata | None
-    live_owner: OwnerMetadata | None
-    interfaces: tuple[InterfaceFacts, ...]
-    stats: Stats
-    config_digest: str | None = None
-
-    @property
-    def owner(self) -> OwnerMetadata | None:
-        return self.live_owner or self.config_owner
 
 
 _DOMAIN_EVENTS: dict[int, EventKind] = {
