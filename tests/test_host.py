@@ -121,6 +121,17 @@ async def owners_listed(host: Host) -> dict[str, OwnerMetadata | None]:
     return {domain.uuid: domain.owner for domain in await host.list_domains(include_foreign=True)}
 
 
+@contextlib.asynccontextmanager
+async def started_cache(host: Host) -> AsyncIterator[DomainCache]:
+    """A DomainCache following `host` that relists only when told to."""
+    cache = DomainCache(host, relist_interval=3600)
+    await cache.start()
+    try:
+        yield cache
+    finally:
+        await cache.stop()
+
+
 async def defined_and_read(cache: DomainCache, log: EventLog, uuids: list[str]) -> None:
     """Waits until the define event of each of `uuids` has come and been read by `cache`."""
     for uuid in uuids:  # a define's event arriving after a read would rightly make what it read stale
@@ -195,9 +206,7 @@ async def system_host(system_uri: str) -> AsyncIterator[Host]:
 @pytest.mark.libvirt
 async def test_listing_costs_the_same_calls_for_10_and_1000_owned_domains(test_host: Host, test_uri: str) -> None:
     log = EventLog(test_host)
-    cache = DomainCache(test_host, relist_interval=3600)
-    await cache.start()
-    try:
+    async with started_cache(test_host) as cache:
         owned = await define_owned(test_host, PREFIX, 10, "test")
         await defined_and_read(cache, log, owned)
         relist_10, _ = await counted(test_host, cache.relist)
@@ -208,8 +217,6 @@ async def test_listing_costs_the_same_calls_for_10_and_1000_owned_domains(test_h
         relist_1000, _ = await counted(test_host, cache.relist)
         known |= {uuid: owner_for(uuid) for uuid in more}
         at_1000, _ = await counted(test_host, lambda: list_and_stats(test_host, known))
-    finally:
-        await cache.stop()
 
     assert relist_10 == relist_1000 == {"listAllDomains": 1, "domainListGetStats": 1}
     assert at_10 == at_1000 == {"listAllDomains": 1, "getAllDomainStats": 1}
@@ -391,9 +398,7 @@ async def test_snapshot_stats_never_ask_qemu_and_take_memory_and_vcpus_from_the_
 @pytest.mark.libvirt
 async def test_relisting_reads_xml_only_of_domains_an_event_touched(test_host: Host) -> None:
     log = EventLog(test_host)
-    cache = DomainCache(test_host, relist_interval=3600)
-    await cache.start()
-    try:
+    async with started_cache(test_host) as cache:
         uuids = await define_owned(test_host, PREFIX, 20, "test")
         await defined_and_read(cache, log, uuids)
         again, _ = await counted(test_host, cache.relist)
@@ -412,8 +417,6 @@ async def test_relisting_reads_xml_only_of_domains_an_event_touched(test_host: H
         fresh = DomainCache(test_host)
         cold, _ = await counted(test_host, fresh.relist)
         assert cold["XMLDesc"] >= 20 and cold["metadata"] >= 20
-    finally:
-        await cache.stop()
 
 
 async def _lookup(host: Host, uuid: str) -> libvirt.virDomain:
@@ -424,9 +427,7 @@ async def _lookup(host: Host, uuid: str) -> libvirt.virDomain:
 async def test_marking_a_foreign_domain_makes_it_owned(test_host: Host, test_uri: str) -> None:
     log = EventLog(test_host)
     plain, _ = await define_foreign(test_uri, PREFIX, "test")
-    cache = DomainCache(test_host, relist_interval=3600)
-    await cache.start()
-    try:
+    async with started_cache(test_host) as cache:
         assert plain not in cache.snapshots()
         mark = etree.tostring(E.vm(dict(metadata.owner_element(owner_for(plain)).attrib)), encoding="unicode")
         await test_host.call(
@@ -439,8 +440,6 @@ async def test_marking_a_foreign_domain_makes_it_owned(test_host: Host, test_uri
         assert cache.get(plain).owner == owner_for(plain)
         await cache.relist()
         assert cache.get(plain).owner == owner_for(plain)
-    finally:
-        await cache.stop()
     assert await test_host.call(lambda conn, dom: read_owner(dom), await _lookup(test_host, plain)) == owner_for(plain)
 
 

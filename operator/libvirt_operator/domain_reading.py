@@ -125,7 +125,8 @@ class DomainListing:
     foreign: frozenset[str]
 
 
-FOREIGN: Final = "foreign"
+Foreign = Literal["foreign"]
+FOREIGN: Final[Foreign] = "foreign"
 """`read_one`'s answer for a domain that is there but not this cluster's."""
 Owners = Mapping[str, OwnerMetadata | None]
 """Whose each domain is, as the caller knows it already (None: not ours); the marks of the others are read."""
@@ -158,7 +159,7 @@ class DomainReader:
 
     def read_one(
         self, conn: Any, uuid: str, include_foreign: bool, owned: bool,
-    ) -> DomainFacts | Literal["foreign"] | None:
+    ) -> DomainFacts | Foreign | None:
         """None when there is no such domain. With `owned` (the caller knows the domain for its own) the XML
         is read without reading the mark first."""
         try:

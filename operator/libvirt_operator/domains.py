@@ -26,7 +26,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from libvirt_operator.host import FOREIGN, Host, HostEvent
+from libvirt_operator.domain_reading import FOREIGN
+from libvirt_operator.host import Host, HostEvent
 from libvirt_operator.libvirt_errors import HostUnavailable, LibvirtError
 from libvirt_operator.model import DomainSnapshot, OwnerMetadata
 
@@ -153,8 +154,7 @@ class DomainCache:
         for uuid in [uuid for uuid, entry in self._entries.items() if entry.snapshot and uuid not in present]:
             self.offer_removal(uuid, revision)
         self._learn_foreign(listing.foreign, revision)
-        for uuid in [uuid for uuid, seen in self._foreign.items() if seen < revision and uuid not in listing.foreign]:
-            del self._foreign[uuid]
+        self._forget_unlisted(present | listing.foreign, revision)
 
     async def wait_for_change(self, uuid: str, after_revision: int, timeout: float) -> DomainSnapshot | None:
         """Waits until `uuid` changes at a revision above `after_revision`; None on timeout or removal.
@@ -230,6 +230,12 @@ class DomainCache:
     def _learn_foreign(self, uuids: Iterable[str], revision: int) -> None:
         for uuid in uuids:
             self._foreign[uuid] = max(revision, self._foreign.get(uuid, 0))
+
+    def _forget_unlisted(self, listed: set[str] | frozenset[str], revision: int) -> None:
+        """Drops what is known of domains gone at `revision` (unless learned since)."""
+        for known in (self._foreign, self._event_at, self._ownership_event_at):
+            for uuid in [uuid for uuid, at in known.items() if at < revision and uuid not in listed]:
+                del known[uuid]
 
     def _schedule_read(self, uuid: str) -> None:
         """At most one read per domain runs; events meanwhile make exactly one more follow it."""

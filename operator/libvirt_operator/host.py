@@ -31,7 +31,7 @@ from libvirt_operator import METADATA_NAMESPACE, metadata
 from libvirt_operator.counted_calls import Counted, unwrap, wrap
 from libvirt_operator.domain_listing import ListedDomain
 from libvirt_operator.domain_reading import (
-    FOREIGN, INACTIVE_STATES, SNAPSHOT_STATS, DomainListing, DomainReader, Owners, Stats, state_name,
+    INACTIVE_STATES, SNAPSHOT_STATS, DomainListing, DomainReader, Foreign, Owners, Stats, state_name,
 )
 from libvirt_operator.host_capacity import CAPACITY_STATS, HostCapacity, read_capacity
 from libvirt_operator.libvirt_errors import HostUnavailable, connection_lost
@@ -200,7 +200,7 @@ class Host:
 
     async def read_domain(
         self, uuid: str, *, include_foreign: bool = False, owned: bool = False,
-    ) -> DomainFacts | Literal["foreign"] | None:
+    ) -> DomainFacts | Foreign | None:
         """Everything about one domain now; None if there is no such domain, `FOREIGN` if it is not ours.
 
         `owned`: the caller knows it for its own, so its XML is read without reading its mark first.
