@@ -67,7 +67,8 @@ class DomainCache:
         self._event_at: dict[str, int] = {}
         """The revision at each domain's last event: a snapshot read before it has stale facts."""
         self._ownership_event_at: dict[str, int] = {}
-        """The same for the events that can change whose a domain is (`HostEvent.ownership`)."""
+        """The same for the events that can change whose a domain is (`HostEvent.ownership`): knowing a domain
+        foreign outlives its other events, so another program's guests starting and stopping cost no call."""
         self._reset_at = 0
         """The revision at the last reconnect: events may have been missed before it."""
         self._foreign: dict[str, int] = {}
