@@ -419,6 +419,21 @@ async def test_relisting_reads_xml_only_of_domains_an_event_touched(test_host: H
         assert cold["XMLDesc"] >= 20 and cold["metadata"] >= 20
 
 
+@pytest.mark.libvirt
+async def test_a_domain_the_agent_defined_is_read_without_reading_its_mark(test_host: Host) -> None:
+    """The agent tells the cache the mark it defined a domain with; the define's event is then read at once
+    from the XML. A domain defined by another program has its mark read first (it may be foreign)."""
+    log = EventLog(test_host)
+    async with started_cache(test_host) as cache:
+        claimed, unclaimed = (str(uuidlib.uuid4()) for _ in range(2))
+        cache.remember_owner(claimed, owner_for(claimed))
+        await test_host.call(_define_all, [owned_xml(f"{PREFIX}-{u[:13]}", u, "test") for u in (claimed, unclaimed)])
+        await defined_and_read(cache, log, [claimed, unclaimed])
+        assert cache.get(claimed).owner == owner_for(claimed) and cache.get(unclaimed).owner == owner_for(unclaimed)
+    assert _calls_about(test_host, claimed)["metadata"] == 0
+    assert _calls_about(test_host, unclaimed)["metadata"] == 1
+
+
 async def _lookup(host: Host, uuid: str) -> libvirt.virDomain:
     return await host.call(lambda conn, u: conn.lookupByUUIDString(u), uuid)
 
