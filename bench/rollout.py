@@ -29,7 +29,7 @@ from common import (
     GROUP, PLURAL, TEST_DRIVER_ARGS, TEST_DRIVER_URI, VERSION, AgentMetrics, Bench, add_cpu_split, agent_metrics,
     agent_writes, cpu_by_command, diff, guest_cpu_cgroups, host_cpu, log, percentile, proc_usage, remove_domains,
 )
-from libvirt_operator.testing.agent_process import AgentProcess
+from lvo_testing.agent_process import AgentProcess
 
 INTERVAL = 0.1
 CEILING_QEMU_PREFIX = "bench-ceiling-qemu_"

@@ -62,7 +62,7 @@ def test_driver_scenarios(bench: Bench, size: dict, profile_dir: Path | None) ->
 
 
 def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
-    from libvirt_operator.testing.libvirt_env import build_guest_image, running_libvirtd
+    from lvo_testing.libvirt_env import build_guest_image, running_libvirtd
 
     with running_libvirtd(guest_cpu_cgroup=size["guest_cpu_cgroup"]) as uri:
         image = build_guest_image()

@@ -24,7 +24,7 @@ from libvirt_operator import guest
 from libvirt_operator.counted_calls import Counted
 from libvirt_operator.model import AgentSettings, OwnerMetadata, VMRef
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
-from libvirt_operator.testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH, GuestImage
+from lvo_testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH, GuestImage
 from test_foundation_libvirt import wait_for_line
 from test_guest_xml import SAMPLES, render_manifest
 

@@ -33,7 +33,7 @@ from libvirt_operator.domain_listing import list_all_domains, read_owner
 from libvirt_operator.host import Host, HostEvent
 from libvirt_operator.libvirt_errors import HostUnavailable
 from libvirt_operator.model import OwnerMetadata
-from libvirt_operator.testing import libvirt_env
+from lvo_testing import libvirt_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

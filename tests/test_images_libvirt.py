@@ -20,7 +20,7 @@ import pytest
 from libvirt_operator import guest
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
-from libvirt_operator.testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH
+from lvo_testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH
 from test_guest_libvirt import ServedImage, _pool_volumes, conn, served_image, settings, vm  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.libvirt
