@@ -22,11 +22,11 @@ import pytest
 from lxml import etree
 
 from libvirt_operator import guest
+from libvirt_operator.counted_calls import Counted
 from libvirt_operator.disk_plan import ResolvedDisk, http_cache_name, owned_volume_name, seed_volume_name
 from libvirt_operator.domain_xml import DomainDefinition, console_log_path, merge
 from libvirt_operator.guest import Guest
 from libvirt_operator.storage import delete_owned_volumes, provision_disks
-from libvirt_operator.host import Counted
 from libvirt_operator.model import AgentSettings, OwnerMetadata, VMRef
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
 from lvo_testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH, GuestImage

@@ -249,7 +249,7 @@ class Agent:
             "state": "NotReady" if not health.answering else "Cordoned" if me is not None and me.cordoned else "Ready",
             "libvirtUri": self.settings.libvirt_uri, "connected": self.host.connected, "libvirt": health.to_status(),
             "vms": counts[0],
-            "foreignDomains": self.host.foreign_domains,
+            "foreignDomains": self.cache.foreign_domains,
         }
         if capacity is not None:
             status["hypervisor"] = {
@@ -629,7 +629,7 @@ class _Run:
             await host.call(guest.apply_definition, *args)
         else:
             start_error = await host.call(guest.apply_definition_and_start, *args, then_start.start_paused)
-        host.remember_owner(self.ref.uid, owner)  # defined, even when the start after it failed
+        self.agent.cache.remember_owner(self.ref.uid, owner)  # defined, even when the start after it failed
         if start_error is not None:
             raise start_error
 

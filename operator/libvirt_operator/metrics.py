@@ -48,7 +48,7 @@ class AgentCollector:
         yield _labelled(GaugeMetricFamily, f"{PREFIX}_domains", "Owned domains on this host, by state.", ["state"], states)
         yield GaugeMetricFamily(f"{PREFIX}_foreign_domains",
                                 "Domains on this host that are not this cluster's (unmarked, or another cluster's).",
-                                value=agent.host.foreign_domains)
+                                value=agent.cache.foreign_domains)
         yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "VMs waiting for or in a reconcile.", value=len(agent.queue))
         yield GaugeMetricFamily(f"{PREFIX}_libvirt_connected", "1 while the libvirt connection is up.",
                                 value=1 if agent.host.connected else 0)
