@@ -29,14 +29,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "testing"))
 
 import kubernetes  # noqa: E402
 from kubernetes import watch as kwatch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
 from e2e import VM_RESOURCES, write_counts  # noqa: E402
-from libvirt_operator.testing.agent_process import AgentProcess  # noqa: E402
-from libvirt_operator.testing.controlplane import ControlPlane, pid_alive  # noqa: E402
+from lvo_testing.agent_process import AgentProcess  # noqa: E402
+from lvo_testing.controlplane import ControlPlane, pid_alive  # noqa: E402
 
 GROUP, VERSION, PLURAL = "libvirt-operator.io", "v1alpha1", "virtualmachines"
 TEST_DRIVER_URI = "test:///default"

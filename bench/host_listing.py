@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/host_listing.py [--quick] [--uri qemu:///system]
 
-(a) Host.list_domains + Host.all_domain_stats, warm (owners remembered by the Host that
-defined the domains); (b) listDomainsID + lookupByID each + listDefinedDomains + lookupByName
+(a) Host.list_domains + Host.all_domain_stats, warm (owners known to the caller that
+defined the domains, as the domain cache knows them); (b) listDomainsID + lookupByID each + listDefinedDomains + lookupByName
 each + info() each. Both are counted by the same Host.calls wrapper. Prints a table, then one
 JSON object per line.
 """
@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from libvirt_operator import metadata
-from libvirt_operator.host import Host, legacy_list_domains
+from libvirt_operator.domain_listing import legacy_list_domains
+from libvirt_operator.host import Host
 from libvirt_operator.model import OwnerMetadata
 
 URI = "test:///default"
@@ -51,9 +52,10 @@ def _legacy(conn: Any) -> int:
     return len(domains)
 
 
-async def _host_path(host: Host) -> None:
-    await host.list_domains()
-    await host.all_domain_stats()
+async def _host_path(host: Host, known: dict[str, OwnerMetadata | None]) -> None:
+    """A listing, then the statistics of the domains it found to be ours."""
+    listed = await host.list_domains(include_foreign=True, known=known)
+    await host.all_domain_stats(known={domain.uuid: domain.owner for domain in listed})
 
 
 async def measure(host: Host, work: Callable[[], Awaitable[Any]]) -> tuple[int, float]:
@@ -68,16 +70,15 @@ async def bench_size(host: Host, n: int) -> dict[str, Any]:
     uuids = [str(uuidlib.uuid4()) for _ in range(n)]
     domain_type = "test" if host.uri.startswith("test:") else "qemu"
     await host.call(_define, uuids, domain_type)
-    for uuid in uuids:
-        host.remember_owner(uuid, metadata.owner_from_domain(metadata.parse(_xml(uuid, domain_type))))
+    known = {uuid: metadata.owner_from_domain(metadata.parse(_xml(uuid, domain_type))) for uuid in uuids}
     cold = Host(host.uri)
     await cold.start()
     try:
-        cold_calls, cold_seconds = await measure(cold, lambda: _host_path(cold))
+        cold_calls, cold_seconds = await measure(cold, lambda: _host_path(cold, {}))
     finally:
         await cold.stop()
-    await _host_path(host)  # the foreign "test" domain's one metadata read, on the first size
-    host_calls, host_seconds = await measure(host, lambda: _host_path(host))
+    known |= {d.uuid: d.owner for d in await host.list_domains(include_foreign=True, known=known)}  # the "test" domain's
+    host_calls, host_seconds = await measure(host, lambda: _host_path(host, known))
     legacy_calls, legacy_seconds = await measure(host, lambda: host.call(_legacy))
     await host.call(_undefine, uuids)
     return {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from common import VM_RESOURCES, Bench, agent_metrics, agent_writes, diff, domain_ids, log
-from libvirt_operator.testing.agent_process import AgentProcess
+from lvo_testing.agent_process import AgentProcess
 
 
 def restart(bench: Bench, scenario: str, agent: AgentProcess, namespace: str, n: int,

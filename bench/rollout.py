@@ -10,7 +10,7 @@ Ceiling: with no agent running, a plain Python client creates the same N objects
 it can (unpaced). The rollout/ceiling ratio says how far the agent is from keeping up.
 
 QEMU ceiling: with no agent and no API server in the loop, the same N guests' domain XML (rendered
-by the operator's own `guest.render`) is defined and started straight through libvirt, one thread
+by the operator's own `domain_xml.render`) is defined and started straight through libvirt, one thread
 per guest on the same 100 ms schedule: what this machine gives when nothing but libvirtd and
 QEMU does the work.
 """
@@ -29,7 +29,7 @@ from common import (
     GROUP, PLURAL, TEST_DRIVER_ARGS, TEST_DRIVER_URI, VERSION, AgentMetrics, Bench, add_cpu_split, agent_metrics,
     agent_writes, cpu_by_command, diff, guest_cpu_cgroups, host_cpu, log, percentile, proc_usage, remove_domains,
 )
-from libvirt_operator.testing.agent_process import AgentProcess
+from lvo_testing.agent_process import AgentProcess
 
 INTERVAL = 0.1
 CEILING_QEMU_PREFIX = "bench-ceiling-qemu_"
@@ -64,7 +64,8 @@ def qemu_ceiling(bench: Bench, n: int, node: str, image: Any, uri: str, domain_t
     """Define + start of `n` guests through libvirt alone, 100 ms apart; the domains are removed after."""
     import libvirt
     from e2e import guest_spec
-    from libvirt_operator.guest import plan_disks, render
+    from libvirt_operator.disk_plan import plan_disks
+    from libvirt_operator.domain_xml import render
     from libvirt_operator.model import AgentSettings, VMRef
     from libvirt_operator.spec import parse_spec
 

@@ -62,7 +62,7 @@ def test_driver_scenarios(bench: Bench, size: dict, profile_dir: Path | None) ->
 
 
 def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
-    from libvirt_operator.testing.libvirt_env import build_guest_image, running_libvirtd
+    from lvo_testing.libvirt_env import build_guest_image, running_libvirtd
 
     with running_libvirtd(guest_cpu_cgroup=size["guest_cpu_cgroup"]) as uri:
         image = build_guest_image()
@@ -111,7 +111,7 @@ def qemu_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
 
 def console_logs(namespace: str, names: list[str]) -> dict[Path, int]:
     """Each guest's console log and its size now (logs are appended to across runs)."""
-    from libvirt_operator.guest import console_log_path
+    from libvirt_operator.domain_xml import console_log_path
     from libvirt_operator.model import AgentSettings, VMRef
 
     settings = AgentSettings()

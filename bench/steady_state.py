@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from common import VM_RESOURCES, Bench, agent_metrics, agent_writes, diff, proc_usage
-from libvirt_operator.testing.agent_process import AgentProcess
+from lvo_testing.agent_process import AgentProcess
 
 RESYNC_SECONDS = 10
 

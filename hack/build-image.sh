@@ -65,7 +65,7 @@ build_pause() {
 
 context_hash() {  # what the Dockerfile reads: the allow-list of .dockerignore
   (cd "$repo" && find Dockerfile .dockerignore README.md pyproject.toml requirements.lock operator \
-      -type f ! -path '*/__pycache__/*' ! -path '*.egg-info/*' ! -path 'operator/libvirt_operator/testing/*' -print0 \
+      -type f ! -path '*/__pycache__/*' ! -path '*.egg-info/*' -print0 \
     | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 }
 

@@ -37,5 +37,5 @@ if virsh -c qemu:///system version >/dev/null 2>&1; then
   done
 fi
 # A real test node (kubelet, containerd, its network namespace, mounts, cgroups and sysctls).
-python3 "$(dirname "$0")/../operator/libvirt_operator/testing/node_cleanup.py"
+python3 "$(dirname "$0")/../testing/lvo_testing/node_cleanup.py"
 exit 0

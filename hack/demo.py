@@ -18,11 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from libvirt_operator.testing import libvirt_env
-from libvirt_operator.testing.agent_process import AgentProcess
-from libvirt_operator.testing.controlplane import ControlPlane
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "testing"))
+
+from lvo_testing import libvirt_env  # noqa: E402
+from lvo_testing.agent_process import AgentProcess  # noqa: E402
+from lvo_testing.controlplane import ControlPlane  # noqa: E402
+
 DEMO_DIR = Path(os.environ.get("DEMO_DIR", "/var/tmp/libvirt-operator-demo"))
 NODE = "demo-node"
 TEST_DRIVER = "test:///default"

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from libvirt_operator.testing import libvirt_env
-from libvirt_operator.testing.controlplane import ControlPlane
+from lvo_testing import libvirt_env
+from lvo_testing.controlplane import ControlPlane
 
 TEST_DRIVER_URI = "test:///default"
 

@@ -14,9 +14,9 @@ import yaml
 
 from pathlib import Path
 
-from libvirt_operator.testing.agent_process import AgentProcess
-from libvirt_operator.testing.controlplane import ControlPlane
-from libvirt_operator.testing.libvirt_env import GuestImage
+from lvo_testing.agent_process import AgentProcess
+from lvo_testing.controlplane import ControlPlane
+from lvo_testing.libvirt_env import GuestImage
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 CRDS = Path(__file__).parent.parent / "crds"

@@ -15,7 +15,7 @@ from libvirt_operator.domains import DomainCache
 from libvirt_operator.host import Host
 from libvirt_operator.kube import KubeClient
 from libvirt_operator.model import AgentSettings
-from libvirt_operator.testing.controlplane import ControlPlane
+from lvo_testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from e2e import get_vm, guest_spec, vm_manifest, wait_until, wait_vm, virsh
-from libvirt_operator.testing.agent_process import TRACEBACK
-from libvirt_operator.testing.libvirt_env import GuestImage
-from libvirt_operator.testing.node import NODE_NAME, Node
+from lvo_testing.agent_process import TRACEBACK
+from lvo_testing.libvirt_env import GuestImage
+from lvo_testing.node import NODE_NAME, Node
 
 pytestmark = pytest.mark.e2e
 

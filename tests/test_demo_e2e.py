@@ -11,8 +11,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from libvirt_operator.testing import libvirt_env
-from libvirt_operator.testing.controlplane import ControlPlane
+from lvo_testing import libvirt_env
+from lvo_testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 

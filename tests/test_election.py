@@ -11,7 +11,7 @@ import pytest
 
 from libvirt_operator.election import LEASE_NAME, Election
 from libvirt_operator.kube import KubeClient
-from libvirt_operator.testing.controlplane import ControlPlane
+from lvo_testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 

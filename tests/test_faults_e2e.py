@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import pytest
 
 from e2e import Kubectl, get_vm, guest_spec, namespace_agent, virsh, vm_manifest, wait_until, wait_vm
-from libvirt_operator.testing import libvirt_env
-from libvirt_operator.testing.agent_process import AgentProcess
-from libvirt_operator.testing.controlplane import ControlPlane
-from libvirt_operator.testing.libvirt_env import GuestImage
+from lvo_testing import libvirt_env
+from lvo_testing.agent_process import AgentProcess
+from lvo_testing.controlplane import ControlPlane
+from lvo_testing.libvirt_env import GuestImage
 
 pytestmark = pytest.mark.e2e
 

@@ -21,8 +21,8 @@ import pytest
 
 from e2e import Kubectl, get_vm, install_crds, vm_manifest, wait_until, wait_vm
 from libvirt_operator.scheduler import DISK_LOSS_ANNOTATION
-from libvirt_operator.testing.agent_process import AgentProcess
-from libvirt_operator.testing.controlplane import ControlPlane
+from lvo_testing.agent_process import AgentProcess
+from lvo_testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 

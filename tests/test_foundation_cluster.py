@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from libvirt_operator.testing.controlplane import ControlPlane
+from lvo_testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import pytest
 from lxml import etree
 from lxml.builder import E
 
-from libvirt_operator.testing.libvirt_env import BOOT_MARKER, GuestImage
+from lvo_testing.libvirt_env import BOOT_MARKER, GuestImage
 
 pytestmark = pytest.mark.libvirt
 

@@ -4,6 +4,7 @@ helpers, and a real QEMU guest booting from a cloned disk with a cloud-init seed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -21,10 +22,14 @@ import pytest
 from lxml import etree
 
 from libvirt_operator import guest
-from libvirt_operator.host import Counted
+from libvirt_operator.counted_calls import Counted
+from libvirt_operator.disk_plan import ResolvedDisk, http_cache_name, owned_volume_name, seed_volume_name
+from libvirt_operator.domain_xml import DomainDefinition, console_log_path, merge
+from libvirt_operator.guest import Guest
+from libvirt_operator.storage import delete_owned_volumes, provision_disks
 from libvirt_operator.model import AgentSettings, OwnerMetadata, VMRef
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
-from libvirt_operator.testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH, GuestImage
+from lvo_testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH, GuestImage
 from test_foundation_libvirt import wait_for_line
 from test_guest_xml import SAMPLES, render_manifest
 
@@ -71,9 +76,9 @@ def vm(conn: libvirt.virConnect, settings: AgentSettings) -> Iterator[VMRef]:
     yield ref
     for dom in conn.listAllDomains():
         if dom.UUIDString() == ref.uid:
-            guest.destroy(conn, ref.uid)
-            guest.undefine(conn, dom)
-    guest.delete_owned_volumes(conn, ref.uid, settings)
+            Guest(dom).destroy()
+            Guest(dom).undefine()
+    delete_owned_volumes(conn, ref.uid, settings)
 
 
 @pytest.fixture
@@ -103,7 +108,7 @@ class ServedImage:
 
     @property
     def cache_volume(self) -> str:
-        return guest.http_cache_name(self.sha256)
+        return http_cache_name(self.sha256)
 
 
 @pytest.fixture
@@ -113,14 +118,24 @@ def served_image(conn: libvirt.virConnect, tmp_path: Path) -> Iterator[ServedIma
     root.mkdir()
     image = root / "image.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    with serving(conn, image) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serving(conn: libvirt.virConnect, image: Path) -> Iterator[ServedImage]:
+    """`image` served over HTTP on loopback; the per-node cache volume made of it is removed afterwards."""
+    root = image.parent
     handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    served = ServedImage(f"http://127.0.0.1:{server.server_address[1]}/image.qcow2",
+    served = ServedImage(f"http://127.0.0.1:{server.server_address[1]}/{image.name}",
                          hashlib.sha256(image.read_bytes()).hexdigest())
-    yield served
-    server.shutdown()
+    try:
+        yield served
+    finally:
+        server.shutdown()
     for name in _pool_volumes(conn, served.cache_volume):
         conn.storagePoolLookupByName(DEFAULT_POOL).storageVolLookupByName(name).delete(0)
 
@@ -141,8 +156,8 @@ def _on_system_network(manifest: dict[str, Any], network: str) -> dict[str, Any]
 @pytest.mark.parametrize("name", SAMPLES)
 def test_every_sample_defines_on_the_test_driver(test_conn: libvirt.virConnect, name: str) -> None:
     uid = str(uuid.uuid4())
-    dom = guest.define(test_conn, render_manifest(SAMPLES[name], uid=uid))
-    facts = guest.parse_domain(dom.XMLDesc(0))
+    defined = Guest.define(test_conn, render_manifest(SAMPLES[name], uid=uid))
+    facts = DomainDefinition.from_xml(defined.domain.XMLDesc(0))
     assert facts.uuid == uid and facts.owner.uid == uid
     assert sorted(d.name for d in facts.disks) == sorted(d["name"] for d in SAMPLES[name]["spec"].get("disks", []))
 
@@ -151,19 +166,19 @@ def test_every_sample_defines_on_the_test_driver(test_conn: libvirt.virConnect, 
 def test_every_sample_defines_on_qemu_system(conn: libvirt.virConnect, isolated_network: str, name: str) -> None:
     uid = str(uuid.uuid4())
     manifest = _on_system_network(SAMPLES[name], isolated_network)
-    dom = guest.define(conn, render_manifest(manifest, uid=uid, namespace=f"lvo-test-{uid[:8]}"))
+    defined = Guest.define(conn, render_manifest(manifest, uid=uid, namespace=f"lvo-test-{uid[:8]}"))
     try:
-        live = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-        assert guest.parse_domain(live).owner.uid == uid
-        again = guest.merge(live, render_manifest(manifest, uid=uid, namespace=f"lvo-test-{uid[:8]}"))
-        assert guest.define(conn, again).UUIDString() == uid, "a merged rewrite defines too"
+        live = defined.persistent_xml()
+        assert DomainDefinition.from_xml(live).owner.uid == uid
+        again = merge(live, render_manifest(manifest, uid=uid, namespace=f"lvo-test-{uid[:8]}"))
+        assert Guest.define(conn, again).uuid == uid, "a merged rewrite defines too"
     finally:
-        guest.undefine(conn, dom)
+        defined.undefine()
 
 
 def _provision(conn: libvirt.virConnect, spec: dict[str, Any], vm: VMRef, settings: AgentSettings,
-               secrets: dict[str, str] | None = None) -> list[guest.ResolvedDisk]:
-    return guest.provision_disks(conn, parse_spec(spec), vm, settings, user_data_lookup=(secrets or {}).get)
+               secrets: dict[str, str] | None = None) -> list[ResolvedDisk]:
+    return provision_disks(conn, parse_spec(spec), vm, settings, user_data_lookup=(secrets or {}).get)
 
 
 def _volume_xml(conn: libvirt.virConnect, path: str) -> etree._Element:
@@ -195,13 +210,13 @@ def test_provisioning_creates_owned_volumes_reuses_them_and_deletion_spares_shar
     assert (by_name["base"].path, by_name["base"].format, by_name["base"].owned) == (str(guest_image.disk), "qcow2", False)
     assert by_name["seed"].device == "cdrom" and Path(by_name["seed2"].path).read_bytes().find(b"from: secret") >= 0
     owned = _pool_volumes(conn, f"{vm.uid}-")
-    assert owned == sorted(guest.owned_volume_name(vm.uid, n) for n in ("root", "data", "os")) + sorted(
-        guest.seed_volume_name(vm.uid, n) for n in ("seed", "seed2"))
+    assert owned == sorted(owned_volume_name(vm.uid, n) for n in ("root", "data", "os")) + sorted(
+        seed_volume_name(vm.uid, n) for n in ("seed", "seed2"))
 
     assert _provision(conn, spec, vm, settings, {"ud": "x"}) == disks, "a second run reuses what exists"
     assert _pool_volumes(conn, f"{vm.uid}-") == owned
 
-    assert sorted(guest.delete_owned_volumes(conn, vm.uid, settings)) == owned
+    assert sorted(delete_owned_volumes(conn, vm.uid, settings)) == owned
     assert _pool_volumes(conn, f"{vm.uid}-") == []
     assert guest_image.disk.exists()
     assert _pool_volumes(conn, shared_volume) == [shared_volume]
@@ -220,7 +235,7 @@ def test_a_checksum_mismatch_fails_before_use_and_leaves_nothing(
     assert error.value.field == "spec.disks[1].http.sha256"
     assert served_image.sha256 in error.value.message
     assert _pool_volumes(conn, f"{vm.uid}-") == []
-    assert _pool_volumes(conn, guest.http_cache_name("0" * 64)) == []
+    assert _pool_volumes(conn, http_cache_name("0" * 64)) == []
     assert list((settings.state_dir / "downloads").iterdir()) == []
 
 
@@ -265,17 +280,20 @@ def test_a_refused_definition_deletes_the_volumes_it_made(conn: libvirt.virConne
         squatter.undefine()
 
 
-def test_lifecycle_helpers_tolerate_the_state_they_ask_for(test_conn: libvirt.virConnect) -> None:
+def test_lifecycle_calls_tolerate_the_state_they_ask_for(test_conn: libvirt.virConnect) -> None:
     uid = str(uuid.uuid4())
-    dom = guest.define(test_conn, render_manifest(SAMPLES["minimal"], uid=uid))
+    defined = Guest.define(test_conn, render_manifest(SAMPLES["minimal"], uid=uid))
     states: list[int] = []
-    for step in (guest.start, guest.start, guest.suspend, guest.resume, guest.resume, guest.reset,
-                 guest.shutdown, guest.destroy, guest.destroy):
-        step(test_conn, uid)
-        states.append(dom.state()[0])
+    for step in (defined.start, defined.start, defined.suspend, defined.resume, defined.resume, defined.reset,
+                 defined.shutdown, defined.destroy, defined.destroy):
+        step()
+        states.append(defined.domain.state()[0])
     assert states == [libvirt.VIR_DOMAIN_RUNNING] * 2 + [libvirt.VIR_DOMAIN_PAUSED] + [libvirt.VIR_DOMAIN_RUNNING] * 3 + [
         libvirt.VIR_DOMAIN_SHUTOFF] * 3
-    guest.undefine(test_conn, dom)
+    for step in (guest.start, guest.suspend, guest.resume, guest.shutdown, guest.destroy):  # the agent's calls
+        step(test_conn, uid)
+    assert not defined.is_active()
+    defined.undefine()
     assert uid not in {d.UUIDString() for d in test_conn.listAllDomains()}
 
 
@@ -329,9 +347,9 @@ def test_a_qemu_guest_boots_from_a_cloned_disk_with_a_cloud_init_seed(
     xml = guest.provision_and_define(conn, parse_spec(raw), vm, settings, generation=1, spec_hash=spec_hash(raw),
                                      user_data_lookup={"ud": f"#cloud-config lvo-{marker}\nusers: []\n"}.get,
                                      existing_xml=None).xml
-    assert guest.parse_domain(xml).owner.uid == vm.uid
+    assert DomainDefinition.from_xml(xml).owner.uid == vm.uid
     guest.start(conn, vm.uid)
-    log = guest.console_log_path(vm, settings)
+    log = console_log_path(vm, settings)
     content = wait_for_line(log, f"LVO-GUEST-READY {marker}", timeout=90)
     assert f"LVO-GUEST-BOOTED {marker}" in content
     assert f"LVO-DISK vda {guest_image.disk_marker}" in content, content
@@ -339,11 +357,10 @@ def test_a_qemu_guest_boots_from_a_cloned_disk_with_a_cloud_init_seed(
 
     guest.shutdown(conn, vm.uid)
     wait_for_line(log, "reboot: Power down", timeout=60)
-    dom = conn.lookupByUUIDString(vm.uid)
-    guest.destroy(conn, vm.uid)
-    guest.undefine(conn, dom)
-    assert sorted(guest.delete_owned_volumes(conn, vm.uid, settings)) == sorted(
-        [guest.owned_volume_name(vm.uid, "root"), guest.seed_volume_name(vm.uid, "seed")])
+    Guest.lookup(conn, vm.uid).destroy()
+    Guest.lookup(conn, vm.uid).undefine()
+    assert sorted(delete_owned_volumes(conn, vm.uid, settings)) == sorted(
+        [owned_volume_name(vm.uid, "root"), seed_volume_name(vm.uid, "seed")])
     assert guest_image.disk.exists()
 
 
@@ -374,3 +391,67 @@ def test_the_agents_vcpu_scheduler_reaches_the_guests_vcpu_threads_only(
     assert sorted(vcpus) == ["CPU 0/TCG", "CPU 1/TCG"] and set(vcpus.values()) == {policy}, policies
     assert {value for name, value in policies.items() if name not in vcpus} == {os.SCHED_OTHER}, \
         "QEMU's own threads (main loop, monitor) keep the normal policy"
+
+
+OUTSIDE_EDITS = {  # parent in the domain XML: an element no field of the operator models
+    "features": "<pmu state='off'/>",
+    "features/": "<hyperv mode='custom'><relaxed state='on'/></hyperv>",
+    "os": "<bootmenu enable='yes' timeout='3000'/>",
+    "devices": "<watchdog model='i6300esb' action='poweroff'/>",
+    "devices/": "<channel type='unix'><target type='virtio' name='org.example.agent.0'/></channel>",
+}
+
+
+def _edited_outside(xml: str) -> str:
+    """`xml` as someone left it with `virsh edit`: a `<features>` flag, an `<os>` child, devices the operator
+    does not make, and an attribute the operator does not model on a disk it does."""
+    root = etree.fromstring(xml.encode())
+    for parent, element in OUTSIDE_EDITS.items():
+        root.find(parent.rstrip("/")).append(etree.fromstring(element))
+    root.xpath("devices/disk[alias/@name='ua-disk-root']/driver")[0].set("cache", "none")
+    return etree.tostring(root, encoding="unicode")
+
+
+def _outside_edits(xml: str) -> dict[str, bool]:
+    root = etree.fromstring(xml.encode())
+    return {path: len(root.xpath(path)) == 1 for path in (
+        "features/pmu[@state='off']", "features/hyperv/relaxed[@state='on']", "os/bootmenu[@enable='yes']",
+        "devices/watchdog[@model='i6300esb']", "devices/channel/target[@name='org.example.agent.0']",
+        "devices/disk[alias/@name='ua-disk-root']/driver[@cache='none']")}
+
+
+def test_a_domain_edited_outside_the_modelled_fields_keeps_the_edits_across_a_spec_change_and_a_redefine(
+    conn: libvirt.virConnect, vm: VMRef, settings: AgentSettings,
+) -> None:
+    """Edits nobody asked the operator for survive its redefine; what the spec says (memory, vCPUs, disks,
+    interfaces, boot order, firmware) follows the spec, whatever libvirt filled in for the old one (a
+    `<boot dev='hd'/>` it refuses beside a disk's boot order, the UEFI loader it picked)."""
+    before = {"domainType": "qemu", "memory": "64Mi", "cpu": {"cores": 1}, "firmware": "uefi",
+              "disks": [{"name": "root", "emptyDisk": {"size": "1Mi"}}, {"name": "old", "emptyDisk": {"size": "1Mi"}}],
+              "interfaces": [{"name": "nic", "user": {}, "model": "e1000"}]}
+    after = {**before, "memory": "128Mi", "cpu": {"cores": 2}, "firmware": "bios",
+             "disks": [{"name": "root", "bootOrder": 1, "emptyDisk": {"size": "1Mi"}}, {"name": "new", "bus": "scsi",
+                                                                        "emptyDisk": {"size": "2Mi"}}],
+             "interfaces": [{"name": "nic", "user": {}, "model": "virtio"}, {"name": "second", "user": {}}]}
+
+    def apply(raw: dict[str, Any], generation: int) -> DomainDefinition:
+        owner = OwnerMetadata(uid=vm.uid, namespace=vm.namespace, name=vm.name, generation=generation,
+                              spec_hash=spec_hash(raw))
+        guest.apply_definition(conn, parse_spec(raw), vm, settings, owner, {}.get)
+        return DomainDefinition.from_xml(Guest.lookup(conn, vm.uid).persistent_xml())
+
+    assert apply(before, 1).boot_devices, "libvirt adds <boot dev='hd'/> where no disk has a boot order"
+    conn.defineXML(_edited_outside(Guest.lookup(conn, vm.uid).persistent_xml()))
+    defined = apply(after, 2)
+
+    assert all(_outside_edits(defined.to_xml()).values()), _outside_edits(defined.to_xml())
+    assert (defined.memory_kib, defined.vcpus, defined.owner.generation) == (128 * 1024, 2, 2)
+    assert [(disk.name, disk.bus) for disk in defined.disks] == [("root", "virtio"), ("new", "scsi")]
+    assert [(nic.name, nic.model) for nic in defined.network_interfaces] == [("nic", "virtio"), ("second", "virtio")]
+    assert (defined.disks[0].boot_order, defined.boot_devices, defined.firmware, defined.loader, defined.nvram) == (
+        1, False, None, False, None)
+
+    again = apply(before, 3)
+    assert all(_outside_edits(again.to_xml()).values()), _outside_edits(again.to_xml())
+    assert (again.memory_kib, again.vcpus, [disk.name for disk in again.disks]) == (64 * 1024, 1, ["root", "old"])
+    assert (again.firmware, again.nvram) == ("efi", str(settings.state_dir / "nvram" / f"{vm.uid}_VARS.fd"))

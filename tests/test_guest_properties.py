@@ -2,7 +2,8 @@
 its CEL rules: one source per disk, one backend per interface, unique names and boot orders, cpu.model
 only with mode custom), with hostile strings wherever the schema allows free text. Every one must
 render to XML that libvirt's own RelaxNG schema accepts, read back to the disks and MACs it was made
-from, render byte-identically twice, and define on libvirt's test driver with the validate flag."""
+from, render byte-identically twice, merge into the definition of any other spec with exactly its own
+modelled fields, and define on libvirt's test driver with the validate flag."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from typing import Any
 
 import libvirt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from libvirt_operator.guest import parse_domain
-from test_guest_xml import assert_valid, render_manifest
+from libvirt_operator.domain_xml import DomainDefinition, merge
+from libvirt_operator.xmlbuilder import Field, XMLChildren, XMLObject
+from test_guest_xml import SAMPLES, assert_valid, render_manifest
 
 UID = "0b7e4f2c-3d5a-4e6f-8a9b-1c2d3e4f5a6b"
 DNS_LABEL = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?\Z")
@@ -123,11 +125,41 @@ def test_every_admitted_spec_renders_schema_valid_xml_that_reads_back(manifest: 
     xml = render_manifest(manifest, uid=UID)
     assert_valid(xml)
     assert render_manifest(manifest, uid=UID) == xml
-    facts = parse_domain(xml)
+    facts = DomainDefinition.from_xml(xml)
     assert [disk.name for disk in facts.disks] == [disk["name"] for disk in manifest["spec"].get("disks", [])]
     given_macs = [i["macAddress"].lower() for i in manifest["spec"].get("interfaces", []) if "macAddress" in i]
     assert set(given_macs) <= set(facts.mac_addresses)
     assert len(facts.mac_addresses) == len(manifest["spec"].get("interfaces", []))
+
+
+def modelled(obj: XMLObject, *, kept_lists: bool = False) -> dict[str, Any]:
+    """Every field the operator models in `obj`, its child lists as lists of the same; the lists whose
+    unmatched children a merge keeps (controllers, clock timers: libvirt and users add them) only with
+    `kept_lists`."""
+    fields: dict[str, Any] = {}
+    for name, declared in vars(type(obj)).items():
+        if isinstance(declared, Field) and not kept_lists:
+            fields[name] = getattr(obj, name)
+        elif isinstance(declared, XMLChildren) and declared.drop_unmatched != kept_lists:
+            fields[name] = sorted((modelled(child) for child in getattr(obj, name)), key=repr)
+    return fields
+
+
+@pytest.mark.unit
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(MANIFESTS, MANIFESTS)
+@example(SAMPLES["every-field"], SAMPLES["minimal"])
+@example(SAMPLES["minimal"], SAMPLES["every-field"])
+def test_a_merge_into_any_earlier_definition_gives_exactly_the_modelled_fields_of_the_new_spec(
+    earlier: dict[str, Any], manifest: dict[str, Any],
+) -> None:
+    rendered = render_manifest(manifest, uid=UID)
+    merged = merge(render_manifest(earlier, uid=UID), rendered)
+    assert_valid(merged)
+    merged_definition, wanted = DomainDefinition.from_xml(merged), DomainDefinition.from_xml(rendered)
+    assert modelled(merged_definition) == modelled(wanted)
+    for name, children in modelled(wanted, kept_lists=True).items():
+        assert all(child in modelled(merged_definition, kept_lists=True)[name] for child in children), name
 
 
 @pytest.mark.libvirt

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from lxml import etree
 
-from libvirt_operator.guest import (
-    merge, parse_domain, plan_disks, render, seed_iso, stable_mac,
-)
+from libvirt_operator.disk_plan import plan_disks
+from libvirt_operator.domain_xml import DomainDefinition, merge, render, stable_mac
+from libvirt_operator.storage import seed_iso
 from libvirt_operator.metadata import OWNER_TAG, interfaces_from_domain, owner_from_domain
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.paths import confine, confine_spec
@@ -186,8 +186,8 @@ def test_hostile_strings_never_change_the_xml_structure() -> None:
     assert owner_from_domain(evil).name == HOSTILE
 
 
-def test_parse_domain_reads_back_disks_macs_and_owner() -> None:
-    facts = parse_domain(render_manifest(SAMPLES["every-field"]))
+def test_a_definition_reads_back_disks_macs_and_owner() -> None:
+    facts = DomainDefinition.from_xml(render_manifest(SAMPLES["every-field"]))
     assert (facts.name, facts.uuid, facts.domain_type, facts.memory_kib, facts.vcpus) == (
         "team-a_every-field", UID, "kvm", 3 * 2**19, 8)
     assert facts.owner.uid == UID and facts.owner.generation == 3
@@ -200,8 +200,10 @@ def test_parse_domain_reads_back_disks_macs_and_owner() -> None:
 
 
 def _live_definition(rendered: str) -> str:
-    """`rendered` as libvirt would hand it back: addresses, a seclabel, a USB controller, another tool's metadata."""
+    """`rendered` as libvirt would hand it back: addresses, a seclabel, a USB controller, another tool's metadata,
+    fewer vCPUs online (`virsh setvcpus --config`)."""
     root = etree.fromstring(rendered.encode())
+    root.find("vcpu").set("current", "1")
     etree.SubElement(root.find("metadata"), "{urn:other-tool}note", nsmap={"o": "urn:other-tool"}).text = "keep me"
     etree.SubElement(etree.SubElement(root, "resource"), "partition").text = "/machine"
     etree.SubElement(root, "seclabel", type="dynamic", model="dac", relabel="yes")
@@ -224,6 +226,7 @@ def test_merge_replaces_what_the_operator_models_and_keeps_the_rest() -> None:
     merged = assert_valid(merge(live, render_manifest(new)))
 
     assert _one(merged, "memory").text == str(2 * 2**20)
+    assert _one(merged, "vcpu").get("current") is None, "every vCPU of the spec online"
     assert _one(merged, "seclabel").get("model") == "dac" and _one(merged, "resource/partition").text == "/machine"
     assert _one(merged, "metadata/*[local-name()='note']").text == "keep me"
     assert len(merged.findall(f"metadata/{OWNER_TAG}")) == 1
@@ -236,11 +239,38 @@ def test_merge_replaces_what_the_operator_models_and_keeps_the_rest() -> None:
     assert len(merged.findall("devices/serial")) == 1 and len(merged.findall("devices/interface")) == 3
 
 
+OUTSIDE_EDITS = [  # (parent, what someone added there): nothing the operator models
+    ("features", "<pmu state='off'/>"), ("features", "<hyperv mode='custom'><relaxed state='on'/></hyperv>"),
+    ("os", "<bootmenu enable='yes'/>"), ("cpu", "<feature policy='require' name='x2apic'/>"),
+    ("clock", "<timer name='kvmclock' present='yes'/>"), ("devices", "<watchdog model='i6300esb' action='poweroff'/>"),
+    ("devices", "<channel type='pty'><target type='virtio' name='org.example.0'/></channel>"),
+    ("devices/interface", "<link state='down'/>"), ("devices/disk", "<serial>lvo-keep</serial>"),
+]
+
+
+@pytest.mark.parametrize(("parent", "edit"), OUTSIDE_EDITS, ids=[edit.split()[0][1:] for _, edit in OUTSIDE_EDITS])
+def test_an_edit_outside_the_modelled_fields_survives_a_merge_of_a_changed_spec(parent: str, edit: str) -> None:
+    live = etree.fromstring(render_manifest(SAMPLES["every-field"]).encode())
+    live.find(parent).append(etree.fromstring(edit))
+    changed = yaml.safe_load(yaml.safe_dump(SAMPLES["every-field"]))
+    changed["spec"]["memory"] = "2Gi"
+    changed["spec"]["cpu"] = {"cores": 3}
+    changed["spec"].pop("kernelBoot")
+
+    merged = assert_valid(merge(etree.tostring(live, encoding="unicode"), render_manifest(changed)))
+
+    added = etree.fromstring(edit)
+    kept = [e for e in merged.find(parent) if e.tag == added.tag and e.attrib == added.attrib]
+    assert len(kept) == 1, etree.tostring(merged.find(parent), encoding="unicode")
+    assert (_one(merged, "memory").text, _one(merged, "vcpu").text) == (str(2 * 2**20), "3")
+    assert merged.find("os/kernel") is None and merged.find("cpu/model") is None, "what the spec dropped goes"
+
+
 def test_a_definition_with_the_older_ua_name_aliases_reads_back_and_merges_by_name() -> None:
     rendered = render_manifest(SAMPLES["every-field"])
     legacy = re.sub(r'<alias name="ua-(?:disk|nic)-', '<alias name="ua-', _live_definition(rendered))
-    facts = parse_domain(legacy)
-    assert [d.name for d in facts.disks] == [d.name for d in parse_domain(rendered).disks]
+    facts = DomainDefinition.from_xml(legacy)
+    assert [d.name for d in facts.disks] == [d.name for d in DomainDefinition.from_xml(rendered).disks]
     assert [i.name for i in interfaces_from_domain(etree.fromstring(legacy.encode()))] == ["default", "lan", "slirp"]
     merged = assert_valid(merge(legacy, rendered))
     assert _one(merged, "devices/disk[alias/@name='ua-disk-root']/address").get("slot") == "0x04", \
@@ -364,15 +394,17 @@ def test_the_default_vcpu_scheduler_leaves_libvirts_own() -> None:
     assert assert_valid(render_manifest(SAMPLES["every-field"])).find("cputune") is None
 
 
-def test_merge_keeps_one_cputune_the_rendered_one_when_it_has_one() -> None:
+def test_merge_writes_the_agents_vcpu_scheduler_into_the_live_cputune_and_keeps_the_rest_of_it() -> None:
     idle = dataclasses.replace(SETTINGS, guest_vcpu_scheduler="idle")
     live = etree.fromstring(_live_definition(render_manifest(SAMPLES["every-field"])).encode())
     etree.SubElement(etree.SubElement(live, "cputune"), "shares").text = "512"
     live_xml = etree.tostring(live, encoding="unicode")
 
-    replaced = assert_valid(merge(live_xml, render_manifest(SAMPLES["every-field"], settings=idle)))
-    kept = assert_valid(merge(live_xml, render_manifest(SAMPLES["every-field"])))
+    scheduled = assert_valid(merge(live_xml, render_manifest(SAMPLES["every-field"], settings=idle)))
+    unscheduled = assert_valid(merge(etree.tostring(scheduled, encoding="unicode"), render_manifest(SAMPLES["every-field"])))
 
-    assert [child.tag for child in replaced.find("cputune")] == ["vcpusched"]
-    assert len(replaced.findall("cputune")) == 1 and len(kept.findall("cputune")) == 1
-    assert kept.findtext("cputune/shares") == "512", "a cputune the operator does not render is someone else's: kept"
+    assert len(scheduled.findall("cputune")) == 1 and len(unscheduled.findall("cputune")) == 1
+    assert [(e.get("vcpus"), e.get("scheduler")) for e in scheduled.iterfind("cputune/vcpusched")] == [("0-7", "idle")]
+    assert unscheduled.find("cputune/vcpusched") is None, "the agent's scheduler setting is modelled: it follows"
+    assert scheduled.findtext("cputune/shares") == unscheduled.findtext("cputune/shares") == "512", \
+        "a cputune setting the operator does not model is someone else's: kept"

@@ -27,10 +27,13 @@ from lxml import etree
 from lxml.builder import E
 
 from libvirt_operator import metadata
+from libvirt_operator.domain_reading import FOREIGN, Owners
 from libvirt_operator.domains import DomainCache
-from libvirt_operator.host import Host, HostEvent, HostUnavailable, list_all_domains, read_owner
+from libvirt_operator.domain_listing import list_all_domains, read_owner
+from libvirt_operator.host import Host, HostEvent
+from libvirt_operator.libvirt_errors import HostUnavailable
 from libvirt_operator.model import OwnerMetadata
-from libvirt_operator.testing import libvirt_env
+from lvo_testing import libvirt_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -75,12 +78,10 @@ def _define_all(conn: Any, xmls: list[str]) -> list[str]:
 
 
 async def define_owned(host: Host, prefix: str, count: int, domain_type: str, nics: int = 0) -> list[str]:
-    """Defines `count` owned domains through `host`, which remembers their owners."""
+    """Defines `count` owned domains through `host`."""
     uuids = [str(uuidlib.uuid4()) for _ in range(count)]
     xmls = [owned_xml(f"{prefix}-{u[:13]}", u, domain_type, nics) for u in uuids]
     await host.call(_define_all, xmls)
-    for u in uuids:
-        host.remember_owner(u, owner_for(u))
     return uuids
 
 
@@ -110,9 +111,32 @@ async def counted(host: Host, work: Callable[[], Awaitable[Any]]) -> tuple[Calls
     return host.calls - calls, host.domain_calls - domain_calls
 
 
-async def list_and_stats(host: Host) -> None:
-    await host.list_domains()
-    await host.all_domain_stats()
+async def list_and_stats(host: Host, known: Owners) -> None:
+    await host.list_domains(known=known)
+    await host.all_domain_stats(known=known)
+
+
+async def owners_listed(host: Host) -> dict[str, OwnerMetadata | None]:
+    """Whose every domain is, read from its mark: what a caller knows after one listing."""
+    return {domain.uuid: domain.owner for domain in await host.list_domains(include_foreign=True)}
+
+
+@contextlib.asynccontextmanager
+async def started_cache(host: Host) -> AsyncIterator[DomainCache]:
+    """A DomainCache following `host` that relists only when told to."""
+    cache = DomainCache(host, relist_interval=3600)
+    await cache.start()
+    try:
+        yield cache
+    finally:
+        await cache.stop()
+
+
+async def defined_and_read(cache: DomainCache, log: EventLog, uuids: list[str]) -> None:
+    """Waits until the define event of each of `uuids` has come and been read by `cache`."""
+    for uuid in uuids:  # a define's event arriving after a read would rightly make what it read stale
+        await log.wait(lambda e, u=uuid: e.uuid == u and e.event == libvirt.VIR_DOMAIN_EVENT_DEFINED)
+    await cache.settle()
 
 
 def calls_on(domain_calls: collections.Counter[tuple[str, str]], uuids: set[str]) -> Calls:
@@ -181,25 +205,31 @@ async def system_host(system_uri: str) -> AsyncIterator[Host]:
 
 @pytest.mark.libvirt
 async def test_listing_costs_the_same_calls_for_10_and_1000_owned_domains(test_host: Host, test_uri: str) -> None:
-    owned = await define_owned(test_host, PREFIX, 10, "test")
-    await list_and_stats(test_host)  # the foreign "test" domain's one metadata read
-    at_10, _ = await counted(test_host, lambda: list_and_stats(test_host))
-    owned += await define_owned(test_host, PREFIX, 990, "test")
-    at_1000, _ = await counted(test_host, lambda: list_and_stats(test_host))
+    log = EventLog(test_host)
+    async with started_cache(test_host) as cache:
+        owned = await define_owned(test_host, PREFIX, 10, "test")
+        await defined_and_read(cache, log, owned)
+        relist_10, _ = await counted(test_host, cache.relist)
+        known = await owners_listed(test_host)
+        at_10, _ = await counted(test_host, lambda: list_and_stats(test_host, known))
+        more = await define_owned(test_host, PREFIX, 990, "test")
+        await defined_and_read(cache, log, more)
+        relist_1000, _ = await counted(test_host, cache.relist)
+        known |= {uuid: owner_for(uuid) for uuid in more}
+        at_1000, _ = await counted(test_host, lambda: list_and_stats(test_host, known))
 
+    assert relist_10 == relist_1000 == {"listAllDomains": 1, "domainListGetStats": 1}
     assert at_10 == at_1000 == {"listAllDomains": 1, "getAllDomainStats": 1}
-    assert {d.uuid for d in await test_host.list_domains()} == set(owned)
+    assert {d.uuid for d in await test_host.list_domains(known=known)} == set(owned + more)
+    assert set(owned + more) <= set(cache.snapshots())
 
     fresh = Host(test_uri)
     await fresh.start()
     try:
-        every = len(await fresh.list_domains(include_foreign=True))
-        cold = fresh.calls.copy()
-        warm, _ = await counted(fresh, lambda: list_and_stats(fresh))
+        every = len(await owners_listed(fresh))
+        assert fresh.calls["metadata"] == every >= 1001
     finally:
         await fresh.stop()
-    assert cold["metadata"] == every >= 1001
-    assert warm == {"listAllDomains": 1, "getAllDomainStats": 1}
 
 
 @pytest.mark.libvirt
@@ -211,23 +241,29 @@ async def test_foreign_domains_are_never_returned_nor_touched(test_uri: str) -> 
         foreign = set(await define_foreign(test_uri, PREFIX, "test"))
         test_domain = await elsewhere(test_uri, lambda conn: conn.lookupByName("test").UUIDString())
         owned = set(await define_owned(host, PREFIX, 3, "test", nics=1))
+        listed = await host.list_domains(include_foreign=True)
+        assert foreign | {test_domain} <= {d.uuid for d in listed if d.owner is None}
+        known = {d.uuid: d.owner for d in listed}
+        assert {d.uuid for d in await host.list_domains(known=known)} == owned
+        assert set(await host.all_domain_stats(known=known)) == owned
+        assert {f.uuid for f in (await host.read_domains(known=known)).facts} == owned
+        by_host = host.domain_calls.copy()
+
         await cache.start()
         for _ in range(2):
-            assert {d.uuid for d in await host.list_domains()} == owned
-            assert set(await host.all_domain_stats()) == owned
-            assert {f.uuid for f in await host.read_domains()} == owned
             await cache.relist()
         await elsewhere(test_uri, _start_and_destroy, sorted(foreign | {test_domain}))
         await asyncio.sleep(0.1)
         await cache.settle()
+        await cache.relist()
         assert set(cache.snapshots()) == owned
-        listed = await host.list_domains(include_foreign=True)
-        assert foreign | {test_domain} <= {d.uuid for d in listed if d.owner is None}
+        assert cache.foreign_domains == len(foreign | {test_domain})
     finally:
         await cache.stop()
         await host.stop()
+    by_cache = host.domain_calls - by_host
     for uuid in foreign | {test_domain}:
-        assert calls_on(host.domain_calls, {uuid}) == {"metadata": 1}
+        assert calls_on(by_host, {uuid}) == calls_on(by_cache, {uuid}) == {"metadata": 1}
 
 
 def _start_and_destroy(conn: Any, uuids: list[str]) -> None:
@@ -250,11 +286,13 @@ async def test_system_listing_costs_the_same_for_10_and_1000_and_skips_foreign(
     await host.start()
     try:
         owned = set(await define_owned(host, system_prefix, 10, "qemu"))
-        await list_and_stats(host)
-        at_10, on_domains_10 = await counted(host, lambda: list_and_stats(host))
-        owned |= set(await define_owned(host, system_prefix, 990, "qemu"))
-        at_1000, on_domains_1000 = await counted(host, lambda: list_and_stats(host))
-        mine = {d.uuid for d in await host.list_domains() if d.name.startswith(system_prefix)}
+        known = await owners_listed(host)
+        at_10, on_domains_10 = await counted(host, lambda: list_and_stats(host, known))
+        more = set(await define_owned(host, system_prefix, 990, "qemu"))
+        known |= {uuid: owner_for(uuid) for uuid in more}
+        owned |= more
+        at_1000, on_domains_1000 = await counted(host, lambda: list_and_stats(host, known))
+        mine = {d.uuid for d in await host.list_domains(known=known) if d.name.startswith(system_prefix)}
     finally:
         await host.stop()
 
@@ -292,7 +330,7 @@ async def test_legacy_listing_only_when_list_all_domains_is_not_supported(test_h
     assert owned <= found
     assert made["listDomainsID"] == made["listDefinedDomains"] == 1
     assert made["lookupByName"] >= len(owned)
-    modern, _ = await counted(test_host, test_host.list_domains)
+    modern, _ = await counted(test_host, lambda: test_host.list_domains(known={uuid: owner_for(uuid) for uuid in owned}))
     assert modern["listAllDomains"] == 1 and not modern.keys() & {"listDomainsID", "listDefinedDomains"}
 
 
@@ -360,21 +398,40 @@ async def test_snapshot_stats_never_ask_qemu_and_take_memory_and_vcpus_from_the_
 @pytest.mark.libvirt
 async def test_relisting_reads_xml_only_of_domains_an_event_touched(test_host: Host) -> None:
     log = EventLog(test_host)
-    uuids = await define_owned(test_host, PREFIX, 20, "test")
-    for uuid in uuids:  # a define's event arriving after the first read would rightly make its XML stale
-        await log.wait(lambda e, u=uuid: e.uuid == u and e.event == libvirt.VIR_DOMAIN_EVENT_DEFINED)
-    first, _ = await counted(test_host, test_host.read_domains)
-    assert first["XMLDesc"] >= 20
-    again, _ = await counted(test_host, test_host.read_domains)
-    assert again == {"listAllDomains": 1, "domainListGetStats": 1}
+    async with started_cache(test_host) as cache:
+        uuids = await define_owned(test_host, PREFIX, 20, "test")
+        await defined_and_read(cache, log, uuids)
+        again, _ = await counted(test_host, cache.relist)
+        assert again == {"listAllDomains": 1, "domainListGetStats": 1}
 
-    await test_host.call(lambda conn, dom: dom.create(), await _lookup(test_host, uuids[0]))
-    await asyncio.sleep(0.05)
-    touched, on_domains = await counted(test_host, test_host.read_domains)
-    assert set(u for u, api in on_domains if api == "XMLDesc") == {uuids[0]}
-    assert touched["listAllDomains"] == touched["domainListGetStats"] == 1
-    started = {f.uuid: f for f in await test_host.read_domains()}[uuids[0]]
-    assert started.state == "running" and started.live_owner == owner_for(uuids[0])
+        async with cache.reads_held(uuids[0]):  # the event's own read waits: the relist sees the event alone
+            await test_host.call(lambda conn, dom: dom.create(), await _lookup(test_host, uuids[0]))
+            await log.wait(lambda e: e.uuid == uuids[0] and e.event == libvirt.VIR_DOMAIN_EVENT_STARTED)
+            touched, on_domains = await counted(test_host, cache.relist)
+        assert set(u for u, api in on_domains if api == "XMLDesc") == {uuids[0]}
+        assert touched["listAllDomains"] == touched["domainListGetStats"] == 1 and not touched["metadata"]
+        started = cache.get(uuids[0])
+        assert started.state == "running" and started.live_owner == owner_for(uuids[0])
+
+        await cache.settle()
+        fresh = DomainCache(test_host)
+        cold, _ = await counted(test_host, fresh.relist)
+        assert cold["XMLDesc"] >= 20 and cold["metadata"] >= 20
+
+
+@pytest.mark.libvirt
+async def test_a_domain_the_agent_defined_is_read_without_reading_its_mark(test_host: Host) -> None:
+    """The agent tells the cache the mark it defined a domain with; the define's event is then read at once
+    from the XML. A domain defined by another program has its mark read first (it may be foreign)."""
+    log = EventLog(test_host)
+    async with started_cache(test_host) as cache:
+        claimed, unclaimed = (str(uuidlib.uuid4()) for _ in range(2))
+        cache.remember_owner(claimed, owner_for(claimed))
+        await test_host.call(_define_all, [owned_xml(f"{PREFIX}-{u[:13]}", u, "test") for u in (claimed, unclaimed)])
+        await defined_and_read(cache, log, [claimed, unclaimed])
+        assert cache.get(claimed).owner == owner_for(claimed) and cache.get(unclaimed).owner == owner_for(unclaimed)
+    assert _calls_about(test_host, claimed)["metadata"] == 0
+    assert _calls_about(test_host, unclaimed)["metadata"] == 1
 
 
 async def _lookup(host: Host, uuid: str) -> libvirt.virDomain:
@@ -383,17 +440,21 @@ async def _lookup(host: Host, uuid: str) -> libvirt.virDomain:
 
 @pytest.mark.libvirt
 async def test_marking_a_foreign_domain_makes_it_owned(test_host: Host, test_uri: str) -> None:
+    log = EventLog(test_host)
     plain, _ = await define_foreign(test_uri, PREFIX, "test")
-    assert plain not in {d.uuid for d in await test_host.list_domains()}
-    mark = etree.tostring(E.vm(dict(metadata.owner_element(owner_for(plain)).attrib)), encoding="unicode")
-    await test_host.call(
-        lambda conn, dom, xml: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, metadata.METADATA_PREFIX,
-                                               metadata.METADATA_NAMESPACE, 0),
-        await _lookup(test_host, plain), mark,
-    )
-    await asyncio.sleep(0.05)
-    listed = {d.uuid: d.owner for d in await test_host.list_domains()}
-    assert listed[plain] == owner_for(plain)
+    async with started_cache(test_host) as cache:
+        assert plain not in cache.snapshots()
+        mark = etree.tostring(E.vm(dict(metadata.owner_element(owner_for(plain)).attrib)), encoding="unicode")
+        await test_host.call(
+            lambda conn, dom, xml: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, metadata.METADATA_PREFIX,
+                                                   metadata.METADATA_NAMESPACE, 0),
+            await _lookup(test_host, plain), mark,
+        )
+        await log.wait(lambda e: e.uuid == plain and e.kind == "metadata")
+        await cache.settle()
+        assert cache.get(plain).owner == owner_for(plain)
+        await cache.relist()
+        assert cache.get(plain).owner == owner_for(plain)
     assert await test_host.call(lambda conn, dom: read_owner(dom), await _lookup(test_host, plain)) == owner_for(plain)
 
 
@@ -710,19 +771,24 @@ async def test_a_mark_naming_another_cluster_is_foreign_and_one_from_before_clus
     host = Host(test_uri)
     host.cluster_id = "cluster-a"
     await host.start()
+    log = EventLog(host)
+    cache = DomainCache(host, relist_interval=3600)
     try:
         ours, others, legacy = (str(uuidlib.uuid4()) for _ in range(3))
         await elsewhere(test_uri, _define_all, [
             marked_xml(f"{PREFIX}-ours", ours, "cluster-a"), marked_xml(f"{PREFIX}-others", others, "cluster-b"),
             marked_xml(f"{PREFIX}-legacy", legacy, "")])
         assert {d.uuid for d in await host.list_domains()} == {ours, legacy}
-        assert {f.uuid for f in await host.read_domains()} == {ours, legacy}
-        assert await host.read_domain(others) is None
+        assert {f.uuid for f in (await host.read_domains()).facts} == {ours, legacy}
+        assert await host.read_domain(others) == FOREIGN
         assert {d.uuid for d in await host.list_domains(include_foreign=True) if d.owner is None} >= {others}
-        assert host.foreign_domains >= 1
-        before = host.foreign_domains
+        await cache.start()
+        assert set(cache.snapshots()) == {ours, legacy}
+        assert cache.foreign_domains >= 1
+        before = cache.foreign_domains
         await elsewhere(test_uri, lambda conn: conn.lookupByUUIDString(others).undefine())
-        await host.list_domains()
-        assert host.foreign_domains == before - 1
+        await log.wait(lambda e: e.uuid == others and e.event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED)
+        assert cache.foreign_domains == before - 1
     finally:
+        await cache.stop()
         await host.stop()

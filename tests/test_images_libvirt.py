@@ -18,9 +18,12 @@ import libvirt
 import pytest
 
 from libvirt_operator import guest
+from libvirt_operator.disk_plan import owned_volume_name
+from libvirt_operator.metadata import parse
+from libvirt_operator.storage import seed_iso
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
-from libvirt_operator.testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH
+from lvo_testing.libvirt_env import DEFAULT_POOL, DEFAULT_POOL_PATH
 from test_guest_libvirt import ServedImage, _pool_volumes, conn, served_image, settings, vm  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.libvirt
@@ -114,9 +117,9 @@ def test_a_clone_runs_with_its_chain_pinned_and_a_raw_image_stays_raw(
     raw.write_bytes(b"\0" * 1024 * 1024)
     definition = define(conn, vm, settings, [{"name": "root", "image": {"path": str(base), "clone": True}},
                                              {"name": "plain", "image": {"path": str(raw)}}])
-    definition.domain.create()
+    definition.guest.domain.create()
     try:
-        live = guest.parse(definition.domain.XMLDesc(0))
+        live = parse(definition.guest.domain.XMLDesc(0))
         root, plain = live.findall("devices/disk")
         assert root.find("driver").get("type") == "qcow2"
         chain = root.find("backingStore")
@@ -124,7 +127,7 @@ def test_a_clone_runs_with_its_chain_pinned_and_a_raw_image_stays_raw(
         assert chain.find("backingStore") is not None and len(chain.find("backingStore")) == 0, "chain not closed"
         assert plain.find("driver").get("type") == "raw" and not len(plain.find("backingStore"))
     finally:
-        definition.domain.destroy()
+        definition.guest.domain.destroy()
 
 
 def virtual_size(path: str) -> int:
@@ -145,8 +148,8 @@ def test_owned_disks_follow_the_spec_at_the_next_boot_and_never_shrink(
     first, second = made(".qcow2"), made(".qcow2")
     for base in (first, second):
         qemu_img("create", "-f", "qcow2", str(base), "8M")
-    data = str(DEFAULT_POOL_PATH / guest.owned_volume_name(vm.uid, "data"))
-    root = str(DEFAULT_POOL_PATH / guest.owned_volume_name(vm.uid, "root"))
+    data = str(DEFAULT_POOL_PATH / owned_volume_name(vm.uid, "data"))
+    root = str(DEFAULT_POOL_PATH / owned_volume_name(vm.uid, "root"))
 
     def disks(base: Path, size: str) -> list[dict[str, Any]]:
         return [{"name": "root", "image": {"path": str(base), "clone": True}}, {"name": "data", "emptyDisk": {"size": size}}]
@@ -169,15 +172,15 @@ def test_cdroms_hold_an_iso_or_a_download_read_only_and_refuse_a_trick_image(
         conn: libvirt.virConnect, vm: VMRef, settings: AgentSettings, made: Callable[[str], Path], secret: Path,
         served_image: ServedImage) -> None:
     iso = made(".iso")
-    iso.write_bytes(guest.seed_iso("#cloud-config\n", "instance-id: x\n", None))
+    iso.write_bytes(seed_iso("#cloud-config\n", "instance-id: x\n", None))
     settings = dataclasses.replace(settings, download_policy=dataclasses.replace(
         settings.download_policy, allowed_networks=("127.0.0.0/8",)))
     definition = define(conn, vm, settings, [
         {"name": "installer", "cdrom": {"image": {"path": str(iso), "format": "raw"}}},
         {"name": "drivers", "bus": "scsi", "cdrom": {"http": {"url": served_image.url, "sha256": served_image.sha256}}}])
-    definition.domain.create()
+    definition.guest.domain.create()
     try:
-        installer, drivers = guest.parse(definition.domain.XMLDesc(0)).findall("devices/disk")
+        installer, drivers = parse(definition.guest.domain.XMLDesc(0)).findall("devices/disk")
         for disk, bus, fmt in ((installer, "sata", "raw"), (drivers, "scsi", "qcow2")):
             assert (disk.get("device"), disk.find("target").get("bus"), disk.find("driver").get("type")) == (
                 "cdrom", bus, fmt)
@@ -185,7 +188,7 @@ def test_cdroms_hold_an_iso_or_a_download_read_only_and_refuse_a_trick_image(
         assert installer.find("source").get("file") == str(iso)
         assert drivers.find("backingStore/source").get("file").endswith(served_image.cache_volume)
     finally:
-        definition.domain.destroy()
+        definition.guest.domain.destroy()
         guest.undefine_and_delete(conn, vm.uid, settings)
     trick = made(".iso")
     qemu_img("create", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(trick))

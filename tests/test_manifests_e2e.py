@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from e2e import event_reasons, install_crds, vm_manifest, wait_vm
-from libvirt_operator.testing.agent_process import AgentProcess
-from libvirt_operator.testing.controlplane import ControlPlane
+from lvo_testing.agent_process import AgentProcess
+from lvo_testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_operator.testing.agent_process import AgentProcess
-from libvirt_operator.testing.controlplane import ControlPlane
-from libvirt_operator.testing.libvirt_env import GuestImage
+from lvo_testing.agent_process import AgentProcess
+from lvo_testing.controlplane import ControlPlane
+from lvo_testing.libvirt_env import GuestImage
 from e2e import (
     VM_RESOURCES, Kubectl, install_crds, event_reasons, get_vm, guest_spec, virsh, vm_manifest, wait_until, wait_vm,
     write_counts,

@@ -1,10 +1,11 @@
-"""The image recipe lints clean and installs exactly what the lock pins; the kustomize base carries
-the CRDs unchanged and a DaemonSet matching the agent's flags; every example renders."""
+"""The image recipe lints clean and installs exactly what the lock pins; the image and the wheel carry
+the operator and no test helper; the kustomize base carries the CRDs unchanged and a DaemonSet matching the agent's flags; every example renders."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -76,16 +77,56 @@ def test_the_lock_pins_every_runtime_dependency_the_image_installs() -> None:
     assert not drifted, drifted
 
 
-def test_the_build_context_holds_what_the_dockerfile_copies_and_no_tests() -> None:
-    ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
-    assert ignore[0] == "*", "an allow-list: everything else stays out of the build context"
-    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+def dockerignore() -> tuple[set[str], list[str]]:
+    """The allow-list of .dockerignore: the entries let in, and the patterns kept out of them."""
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines[0] == "*", "an allow-list: everything else stays out of the build context"
+    allowed = {line[1:].rstrip("/") for line in lines[1:] if line.startswith("!")}
+    return allowed, [line.removeprefix("**/") for line in lines[1:] if not line.startswith("!")]
+
+
+def build_context(into: Path) -> Path:
+    """A copy of what `docker build .` sends: the entries .dockerignore lets in, less its patterns."""
+    allowed, excluded = dockerignore()
+    into.mkdir()
+    for entry in allowed:
+        source = ROOT / entry
+        if source.is_dir():
+            shutil.copytree(source, into / entry, ignore=shutil.ignore_patterns(*excluded))
+        else:
+            shutil.copy2(source, into / entry)
+    return into
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
+    allowed, _ = dockerignore()
     copied = set()
     for line in (ROOT / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY ") and "--from=" not in line:
             copied.update(line.split()[1:-1])
     assert copied <= allowed, copied - allowed
-    assert "operator/libvirt_operator/testing/" in ignore
+
+
+TEST_HELPERS = {path.name for path in (ROOT / "testing" / "lvo_testing").glob("*.py")} - {"__init__.py"}
+
+
+def test_the_image_and_the_wheel_carry_the_operator_and_no_test_helpers(tmp_path: Path) -> None:
+    """The image installs the package from its build context, as a wheel would carry it: setuptools
+    builds its modules here from that context. Only the operator's own modules may be in it."""
+    context = build_context(tmp_path / "context")
+    in_context = {path.relative_to(context).as_posix() for path in context.rglob("*") if path.is_file()}
+    assert not {path for path in in_context if path.startswith(("tests/", "testing/", "bench/", "hack/"))}
+    subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q", "build_py",
+                    "--build-lib", str(tmp_path / "wheel")], cwd=context, check=True, capture_output=True)
+    shipped = sorted((tmp_path / "wheel").rglob("*.py"))
+    assert shipped, "setuptools built no module"
+    for module in shipped:
+        relative = module.relative_to(tmp_path / "wheel")
+        assert relative.parts[0] == "libvirt_operator", relative
+        assert module.name not in TEST_HELPERS and "testing" not in relative.parts, f"a test helper ships: {relative}"
+        source = module.read_text()
+        for helper_only in ("lvo_testing", "import pytest"):
+            assert helper_only not in source, f"{relative} needs {helper_only}, which the image lacks"
 
 
 @pytest.mark.parametrize("crd", ["virtualmachine.yaml", "libvirtnode.yaml", "virtualmachine-updates.yaml"])

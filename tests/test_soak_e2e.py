@@ -18,8 +18,8 @@ import pytest
 from kubernetes import client, config
 
 from e2e import Kubectl, install_crds, vm_manifest, wait_until
-from libvirt_operator.testing.agent_process import AgentProcess
-from libvirt_operator.testing.controlplane import ControlPlane
+from lvo_testing.agent_process import AgentProcess
+from lvo_testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 

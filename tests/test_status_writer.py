@@ -10,7 +10,7 @@ from libvirt_operator.kube import KubeClient
 from libvirt_operator.model import Tuning
 from libvirt_operator.reconcile import Event
 from libvirt_operator.status_writer import StatusWriter
-from libvirt_operator.testing.controlplane import ControlPlane
+from lvo_testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_operator.testing.agent_process import AgentProcess
-from libvirt_operator.testing.controlplane import ControlPlane
-from libvirt_operator.testing.libvirt_env import GuestImage
+from lvo_testing.agent_process import AgentProcess
+from lvo_testing.controlplane import ControlPlane
+from lvo_testing.libvirt_env import GuestImage
 from e2e import Kubectl, get_vm, guest_spec, install_crds, virsh, vm_manifest, wait_until, wait_vm
 
 pytestmark = pytest.mark.e2e

@@ -58,8 +58,8 @@ class Agent:
         self.election = Election(kube, settings.placement.lease_namespace, settings.node_name, tuning.lease_seconds)
         self.status = StatusWriter(kube, self.bodies, tuning)
         self.scheduler = Scheduler(kube, self.fleet, self.ledger, self.status.write, self.clock)
-        self.node = NodeHeartbeat(settings, kube, host, tuning, self.fleet, self.ledger, self.election, self.bodies,
-                                  self.resync)
+        self.node = NodeHeartbeat(settings, kube, host, cache, tuning, self.fleet, self.ledger, self.election,
+                                  self.bodies, self.resync)
         self.retries: dict[str, float] = {}
         self.reconciles = 0
         self.reconcile_seconds = 0.0
@@ -134,7 +134,7 @@ class Agent:
             libvirt_call_seconds=Counter(host.call_seconds), libvirt_connections_opened=host.connections_opened,
             kubernetes_writes=Counter(self.kube.writes),
             domain_states=Counter(snapshot.state for snapshot in self.cache.snapshots().values()),
-            foreign_domains=host.foreign_domains, queue_depth=len(self.queue), libvirt_connected=host.connected,
+            foreign_domains=self.cache.foreign_domains, queue_depth=len(self.queue), libvirt_connected=host.connected,
             placement_leader=self.election.leading, placement_decisions=scheduler.decisions,
             placement_decision_seconds=scheduler.decision_seconds)
 

@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from libvirt_operator import API_GROUP, KIND
-from libvirt_operator.guest import plan_disks, render
+from libvirt_operator.disk_plan import plan_disks
+from libvirt_operator.domain_xml import render
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.paths import confine_spec
 from libvirt_operator.runner import add_run_arguments, run as run_agent

@@ -5,6 +5,11 @@ stamped from one monotonic counter when its read *starts*. A read that started e
 never replace one that started later, however the two finish, so stale event reads and stale
 listings are dropped. A periodic relist repairs whatever events missed.
 
+What the cache knows also spares libvirt calls (the Host remembers nothing): a relist reads the XML
+only of domains an event touched since their snapshot's read began, and the operator's mark only of
+domains not known to be ours or foreign; an event about a domain known to be foreign costs nothing.
+Both are judged by the same revisions: an event or a reconnect is stamped with one too.
+
 While the agent acts on a domain, no read of it starts (`reads_held`): libvirtd keeps a domain
 locked through most of its start, and a call about it waits for that lock while holding the
 domain list's lock, which every other domain's define needs.
@@ -17,12 +22,14 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from libvirt_operator.host import DomainFacts, Host, HostEvent, HostUnavailable, LibvirtError
-from libvirt_operator.model import DomainSnapshot
+from libvirt_operator.domain_reading import FOREIGN
+from libvirt_operator.host import Host, HostEvent
+from libvirt_operator.libvirt_errors import HostUnavailable, LibvirtError
+from libvirt_operator.model import DomainSnapshot, OwnerMetadata
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +39,6 @@ class _Entry:
     revision: int
     snapshot: DomainSnapshot | None
     """None: a tombstone, the domain was gone (or no longer owned) at `revision`."""
-
-
-def snapshot_of(facts: DomainFacts, revision: int) -> DomainSnapshot:
-    fields = {f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)}
-    return DomainSnapshot(revision=revision, **fields)
 
 
 def _facts_differ(old: DomainSnapshot | None, new: DomainSnapshot | None) -> bool:
@@ -62,6 +64,17 @@ class DomainCache:
         self._held: set[str] = set()
         self._deferred: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._event_at: dict[str, int] = {}
+        """The revision at each domain's last event: a snapshot read before it has stale facts."""
+        self._ownership_event_at: dict[str, int] = {}
+        """The same for the events that can change whose a domain is (`HostEvent.ownership`): knowing a domain
+        foreign outlives its other events, so another program's guests starting and stopping cost no call."""
+        self._reset_at = 0
+        """The revision at the last reconnect: events may have been missed before it."""
+        self._foreign: dict[str, int] = {}
+        """Domains read as not ours, with the revision of that read."""
+        self._claimed: set[str] = set()
+        """Domains the agent defined and no read has come back for yet (`remember_owner`)."""
 
     async def start(self) -> None:
         """Follows the Host's events, reads every owned domain, then relists periodically."""
@@ -86,6 +99,17 @@ class DomainCache:
     def snapshots(self) -> dict[str, DomainSnapshot]:
         return {uuid: entry.snapshot for uuid, entry in self._entries.items() if entry.snapshot is not None}
 
+    @property
+    def foreign_domains(self) -> int:
+        """Listed domains that are not this cluster's (unmarked, or marked by another cluster), as far as known."""
+        return sum(1 for uuid in self._foreign if self._known_foreign(uuid))
+
+    def remember_owner(self, uuid: str, owner: OwnerMetadata | None) -> None:
+        """The mark the agent just defined `uuid` with: the next read of it reads its XML straight away."""
+        if owner is not None:
+            self._claimed.add(uuid)
+            self._foreign.pop(uuid, None)
+
     def subscribe(self, callback: Callable[[str], None]) -> None:
         """`callback(uuid)` runs whenever a domain's stored facts change or it is removed."""
         self._subscribers.append(callback)
@@ -99,9 +123,10 @@ class DomainCache:
         return self._store(uuid, _Entry(revision, None))
 
     async def refresh(self, uuid: str) -> DomainSnapshot | None:
-        """Reads `uuid` now and returns what the cache holds afterwards (events so far need no read of their own)."""
+        """Reads `uuid`, which the agent acts on as its own, now and returns what the cache holds afterwards
+        (events so far need no read of their own)."""
         self._deferred.discard(uuid)
-        await self._read(uuid)
+        await self._read(uuid, owned=True)
         return self.get(uuid)
 
     @contextlib.asynccontextmanager
@@ -123,12 +148,14 @@ class DomainCache:
     async def relist(self) -> None:
         """Reads every owned domain; cached ones no longer listed get a tombstone."""
         revision = self.next_revision()
-        listed = await self._host.read_domains()
-        for facts in listed:
-            self.offer(snapshot_of(facts, revision))
-        present = {facts.uuid for facts in listed}
+        listing = await self._host.read_domains(known=self._known_owners(), current=self._current_snapshots())
+        for facts in listing.facts:
+            self.offer(DomainSnapshot.stamped(facts, revision))
+        present = {facts.uuid for facts in listing.facts}
         for uuid in [uuid for uuid, entry in self._entries.items() if entry.snapshot and uuid not in present]:
             self.offer_removal(uuid, revision)
+        self._learn_foreign(listing.foreign, revision)
+        self._forget_unlisted(present | listing.foreign, revision)
 
     async def wait_for_change(self, uuid: str, after_revision: int, timeout: float) -> DomainSnapshot | None:
         """Waits until `uuid` changes at a revision above `after_revision`; None on timeout or removal.
@@ -155,6 +182,7 @@ class DomainCache:
             await asyncio.gather(*self._reads.values(), return_exceptions=True)
 
     def _store(self, uuid: str, entry: _Entry) -> bool:
+        self._claimed.discard(uuid)
         held = self._entries.get(uuid)
         if held is not None and held.revision >= entry.revision:
             return False
@@ -176,9 +204,39 @@ class DomainCache:
 
     def _on_host_event(self, event: HostEvent) -> None:
         if event.kind == "reconnected":
+            self._reset_at = self.next_revision()
             self._spawn(self._quietly(self.relist()))
         elif event.uuid is not None:
+            self._event_at[event.uuid] = self.next_revision()
+            if event.ownership:
+                self._ownership_event_at[event.uuid] = self._event_at[event.uuid]
             self._schedule_read(event.uuid)
+
+    def _known_foreign(self, uuid: str) -> bool:
+        seen = self._foreign.get(uuid, 0)
+        return seen > self._ownership_event_at.get(uuid, 0) and seen > self._reset_at
+
+    def _known_owners(self) -> dict[str, OwnerMetadata | None]:
+        """Whose each domain is, as far as the cache knows: the XML of the owned ones is read unless current."""
+        owners: dict[str, OwnerMetadata | None] = {
+            uuid: entry.snapshot.owner for uuid, entry in self._entries.items() if entry.snapshot is not None}
+        owners.update((uuid, None) for uuid in self._foreign if self._known_foreign(uuid))
+        return owners
+
+    def _current_snapshots(self) -> dict[str, DomainSnapshot]:
+        """The snapshots no event (nor reconnect) has come for since their read began."""
+        return {uuid: entry.snapshot for uuid, entry in self._entries.items()
+                if entry.snapshot is not None and entry.revision > max(self._event_at.get(uuid, 0), self._reset_at)}
+
+    def _learn_foreign(self, uuids: Iterable[str], revision: int) -> None:
+        for uuid in uuids:
+            self._foreign[uuid] = max(revision, self._foreign.get(uuid, 0))
+
+    def _forget_unlisted(self, listed: set[str] | frozenset[str], revision: int) -> None:
+        """Drops what is known of domains gone at `revision` (unless learned since)."""
+        for known in (self._foreign, self._event_at, self._ownership_event_at):
+            for uuid in [uuid for uuid, at in known.items() if at < revision and uuid not in listed]:
+                del known[uuid]
 
     def _schedule_read(self, uuid: str) -> None:
         """At most one read per domain runs; events meanwhile make exactly one more follow it."""
@@ -211,13 +269,20 @@ class DomainCache:
             self._deferred.discard(uuid)
             self._schedule_read(uuid)
 
-    async def _read(self, uuid: str) -> None:
+    async def _read(self, uuid: str, *, owned: bool = False) -> None:
+        """A domain known to be foreign is not read; one known to be ours is read without its mark first."""
         revision = self.next_revision()
-        facts = await self._host.read_domain(uuid)
-        if facts is None:
+        if not owned and self._known_foreign(uuid):
+            self.offer_removal(uuid, revision)
+            return
+        held = self.get(uuid)
+        facts = await self._host.read_domain(uuid, owned=owned or held is not None or uuid in self._claimed)
+        if facts is None or facts == FOREIGN:
             self.offer_removal(uuid, revision)
         else:
-            self.offer(snapshot_of(facts, revision))
+            self.offer(DomainSnapshot.stamped(facts, revision))
+        if facts == FOREIGN:
+            self._learn_foreign([uuid], revision)
 
     async def _relist_periodically(self) -> None:
         while True:

@@ -16,6 +16,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator import allowlist, nodes, placement
+from libvirt_operator.domains import DomainCache
 from libvirt_operator.election import Election
 from libvirt_operator.host import Host, HostCapacity, HostUnavailable
 from libvirt_operator.kube import KubeClient, now_iso
@@ -34,6 +35,7 @@ class NodeHeartbeat:
     settings: AgentSettings
     kube: KubeClient
     host: Host
+    cache: DomainCache
     tuning: Tuning
     fleet: nodes.Fleet
     ledger: placement.Ledger
@@ -88,7 +90,7 @@ class NodeHeartbeat:
             "state": "NotReady" if not health.answering else "Cordoned" if me is not None and me.cordoned else "Ready",
             "libvirtUri": self.settings.libvirt_uri, "connected": self.host.connected, "libvirt": health.to_status(),
             "vms": counts[0],
-            "foreignDomains": self.host.foreign_domains,
+            "foreignDomains": self.cache.foreign_domains,
         }
         if capacity is not None:
             status["hypervisor"] = {

@@ -120,11 +120,9 @@ class InterfaceFacts:
 
 
 @dataclass(frozen=True)
-class DomainSnapshot:
-    """One domain as libvirt answered at one moment, stamped with a cache revision.
+class DomainFacts:
+    """One domain as libvirt answered at one moment: state and statistics plus its XML's facts.
 
-    `revision` comes from one monotonic counter shared by every snapshot the cache stores, so a
-    snapshot read earlier always has a smaller revision than one read later (seed 004).
     `live_owner` is the metadata of the running definition (None when the domain is inactive),
     `config_owner` that of the persistent definition: they differ when a redefinition waits for
     the next boot.
@@ -132,7 +130,6 @@ class DomainSnapshot:
 
     uuid: str
     name: str
-    revision: int
     state: str
     reason: str
     id: int | None
@@ -145,5 +142,24 @@ class DomainSnapshot:
     """A digest of the persistent definition's XML: changes when anyone redefines the domain."""
 
     @property
+    def owner(self) -> OwnerMetadata | None:
+        return self.live_owner or self.config_owner
+
+    @property
     def active(self) -> bool:
         return self.id is not None and self.state != "shutoff"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainSnapshot(DomainFacts):
+    """The facts of one domain stamped with a cache revision.
+
+    `revision` comes from one monotonic counter shared by every snapshot the cache stores, so a
+    snapshot read earlier always has a smaller revision than one read later (seed 004).
+    """
+
+    revision: int
+
+    @classmethod
+    def stamped(cls, facts: DomainFacts, revision: int) -> DomainSnapshot:
+        return cls(**vars(facts), revision=revision)

@@ -12,7 +12,7 @@ from libvirt_operator.model import AgentSettings
 from libvirt_operator.spec import ImageSource, SpecError, VMSpec, VolumeSource
 
 OWNED_NAME = re.compile(r"^(?P<uid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
-"""Disks a VM owns are named `<its uid>-<disk>...` (guest.owned_volume_name, seed_volume_name)."""
+"""Disks a VM owns are named `<its uid>-<disk>...` (disk_plan.owned_volume_name, seed_volume_name)."""
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -54,7 +54,7 @@ def confine_spec(spec: VMSpec, roots: Iterable[Path]) -> VMSpec:
 
 
 HTTP_CACHE_PREFIX = "http-"
-"""Bases downloaded for `http` disks (guest.http_cache_name): shared by VMs, read-only backing only."""
+"""Bases downloaded for `http` disks (disk_plan.http_cache_name): shared by VMs, read-only backing only."""
 
 
 def _agent_file(path: Path, settings: AgentSettings) -> str | None:

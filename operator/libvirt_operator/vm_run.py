@@ -237,7 +237,7 @@ class VMRun:
             await host.call(guest.apply_definition, *args)
         else:
             start_error = await host.call(guest.apply_definition_and_start, *args, then_start.start_paused)
-        host.remember_owner(self.ref.uid, owner)  # defined, even when the start after it failed
+        self.agent.cache.remember_owner(self.ref.uid, owner)  # defined, even when the start after it failed
         if start_error is not None:
             raise start_error
 

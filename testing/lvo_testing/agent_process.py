@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from libvirt_operator.testing.controlplane import free_port
+from lvo_testing.controlplane import free_port
 
 
 TRACEBACK = "Traceback (most recent call last)"

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from libvirt_operator.testing import node_cleanup
-from libvirt_operator.testing.controlplane import SERVICE_CIDR, ControlPlane, KubectlError, run_build_script, spawn
-from libvirt_operator.testing.node_cleanup import CGROUP_ROOT, HOST_VETH, NETNS, STATE
+from lvo_testing import node_cleanup
+from lvo_testing.controlplane import SERVICE_CIDR, ControlPlane, KubectlError, run_build_script, spawn
+from lvo_testing.node_cleanup import CGROUP_ROOT, HOST_VETH, NETNS, STATE
 
 NODE_VETH = "lvo-node-ns"
 HOST_ADDRESS, NODE_ADDRESS = "10.213.0.1", "10.213.0.2"

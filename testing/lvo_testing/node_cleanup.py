@@ -4,7 +4,7 @@ that was killed: its processes and containers, their mounts and cgroups, its net
 and its state directory.
 
 Standard library only: `hack/clean-stale.sh` runs it with the system python3 before a fresh
-clone has a virtualenv (`python3 operator/libvirt_operator/testing/node_cleanup.py`).
+clone has a virtualenv (`python3 testing/lvo_testing/node_cleanup.py`).
 """
 
 from __future__ import annotations
