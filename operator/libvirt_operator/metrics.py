@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
-if TYPE_CHECKING:
-    from libvirt_operator.agent import Agent
 
 PREFIX = "libvirt_operator"
 EVENT_TO_STATUS = Histogram(
@@ -27,42 +24,61 @@ def _labelled(kind: type[Metric], name: str, documentation: str, labels: list[st
     return family
 
 
+@dataclass(frozen=True)
+class Readings:
+    """What an agent's counters read at one scrape: all the metrics know of the agent."""
+
+    reconciles: int
+    reconcile_seconds: float
+    libvirt_calls: Counter[str]
+    libvirt_call_seconds: Counter[str]
+    libvirt_connections_opened: int
+    kubernetes_writes: Counter[tuple[str, str]]
+    domain_states: Counter[str]
+    foreign_domains: int
+    queue_depth: int
+    libvirt_connected: bool
+    placement_leader: bool
+    placement_decisions: int
+    placement_decision_seconds: float
+
+
 class AgentCollector:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, read: Callable[[], Readings]) -> None:
+        self.read = read
 
     def collect(self) -> Iterator[Metric]:
-        agent = self.agent
-        yield CounterMetricFamily(f"{PREFIX}_reconciles", "Reconciles run.", value=agent.reconciles)
-        yield CounterMetricFamily(f"{PREFIX}_reconcile_seconds", "Time spent reconciling.", value=agent.reconcile_seconds)
+        now = self.read()
+        yield CounterMetricFamily(f"{PREFIX}_reconciles", "Reconciles run.", value=now.reconciles)
+        yield CounterMetricFamily(f"{PREFIX}_reconcile_seconds", "Time spent reconciling.", value=now.reconcile_seconds)
         yield _labelled(CounterMetricFamily, f"{PREFIX}_libvirt_calls", "libvirt calls made, by API.", ["api"],
-                        agent.host.calls)
+                        now.libvirt_calls)
         yield _labelled(CounterMetricFamily, f"{PREFIX}_libvirt_call_seconds", "Time spent in libvirt calls, by API.",
-                        ["api"], agent.host.call_seconds)
+                        ["api"], now.libvirt_call_seconds)
         yield CounterMetricFamily(f"{PREFIX}_libvirt_connections_opened",
                                   "libvirt connections opened: the agent's own and one per worker thread.",
-                                  value=agent.host.connections_opened)
+                                  value=now.libvirt_connections_opened)
         yield _labelled(CounterMetricFamily, f"{PREFIX}_kubernetes_writes", "Kubernetes writes made, by verb and resource.",
-                        ["verb", "resource"], agent.kube.writes)
-        states = Counter(snapshot.state for snapshot in agent.cache.snapshots().values())
-        yield _labelled(GaugeMetricFamily, f"{PREFIX}_domains", "Owned domains on this host, by state.", ["state"], states)
+                        ["verb", "resource"], now.kubernetes_writes)
+        yield _labelled(GaugeMetricFamily, f"{PREFIX}_domains", "Owned domains on this host, by state.", ["state"],
+                        now.domain_states)
         yield GaugeMetricFamily(f"{PREFIX}_foreign_domains",
                                 "Domains on this host that are not this cluster's (unmarked, or another cluster's).",
-                                value=agent.cache.foreign_domains)
-        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "VMs waiting for or in a reconcile.", value=len(agent.queue))
+                                value=now.foreign_domains)
+        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "VMs waiting for or in a reconcile.", value=now.queue_depth)
         yield GaugeMetricFamily(f"{PREFIX}_libvirt_connected", "1 while the libvirt connection is up.",
-                                value=1 if agent.host.connected else 0)
+                                value=1 if now.libvirt_connected else 0)
         yield GaugeMetricFamily(f"{PREFIX}_placement_leader", "1 while this agent holds the placement Lease.",
-                                value=1 if agent.election.leading else 0)
+                                value=1 if now.placement_leader else 0)
         yield CounterMetricFamily(f"{PREFIX}_placement_decisions", "Placement decisions made (placed or not).",
-                                  value=agent.scheduler.decisions)
+                                  value=now.placement_decisions)
         yield CounterMetricFamily(f"{PREFIX}_placement_decision_seconds", "Time spent choosing nodes.",
-                                  value=agent.scheduler.decision_seconds)
+                                  value=now.placement_decision_seconds)
         yield from EVENT_TO_STATUS.collect()
 
 
-def serve(agent: Agent, port: int) -> None:
-    """Serves /metrics on `port` from a background thread."""
+def serve(read: Callable[[], Readings], port: int) -> None:
+    """Serves /metrics on `port` from a background thread, each scrape calling `read`."""
     registry = CollectorRegistry()
-    registry.register(AgentCollector(agent))  # type: ignore[arg-type]
+    registry.register(AgentCollector(read))  # type: ignore[arg-type]
     start_http_server(port, registry=registry)

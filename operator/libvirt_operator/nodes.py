@@ -145,3 +145,8 @@ def role(body: Mapping[str, Any], fleet: Fleet) -> Role:
     if placed is None:
         return Role.RUN if pinned == me else Role.NONE
     return Role.REMOVE_COPY
+
+
+def runs_here(body: Mapping[str, Any], fleet: Fleet) -> bool:
+    """Whether this agent runs the VM (or stops it here before it moves)."""
+    return role(body, fleet) in (Role.RUN, Role.RELEASE)

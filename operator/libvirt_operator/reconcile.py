@@ -1,4 +1,5 @@
-"""Pure reconciliation: from a VirtualMachine and its domain snapshot to actions and status.
+"""The decision, pure: from a VirtualMachine and its domain snapshot to actions (and the status that
+`vm_status.build_status` makes of them).
 
 No I/O here. `decide()` is called with the latest spec, the previous status (the operator's
 only memory, so restarts of the agent lose nothing) and the latest domain snapshot; it returns
@@ -25,53 +26,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from libvirt_operator.model import DomainSnapshot
+from libvirt_operator.vm_status import (  # the status's names, which decide() reads and returns, are reconcile's too
+    RESTART_ANNOTATION, RUNNING_STATES, Planned, Problem, VMView, build_status, definition_current, format_time,
+)
 
-RESTART_ANNOTATION = "libvirt-operator.io/restart"
 SHORT_RUN = datetime.timedelta(seconds=60)
 BACKOFF_FIRST_SECONDS = 10
 BACKOFF_MAX_SECONDS = 300
 STUCK_START = datetime.timedelta(seconds=30)
-CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Paused", "RestartRequired", "Scheduled")
 FAILED_SHUTOFF_REASONS = frozenset({"crashed", "destroyed", "failed", "unknown", "daemon"})
 TRANSIENT_PAUSE_REASONS = frozenset({"migration", "save", "dump", "snapshot", "starting up", "shutting down"})
-RUNNING_STATES = frozenset({"running", "blocked"})
-
-
-# --- what decide() reads -------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Problem:
-    """Why the last attempt could not proceed.
-
-    `stalled`: the spec or the host must change (bad path, missing network): a person acts.
-    Otherwise the operator retries by itself (libvirt unreachable, a call failed).
-    """
-
-    reason: str
-    message: str
-    stalled: bool
-
-
-@dataclass(frozen=True)
-class VMView:
-    """The parts of a VirtualMachine object `decide()` reads."""
-
-    name: str
-    generation: int
-    spec: Mapping[str, Any]
-    spec_hash: str
-    status: Mapping[str, Any]
-    annotations: Mapping[str, str] = field(default_factory=dict)
-    deleting: bool = False
-    has_finalizer: bool = True
-
-    @property
-    def run_strategy(self) -> str:
-        return self.spec.get("runStrategy", "Always")
-
-    @property
-    def grace_seconds(self) -> int:
-        return int(self.spec.get("terminationGracePeriodSeconds", 30))
 
 
 # --- what decide() returns -----------------------------------------------------------------
@@ -119,10 +83,6 @@ class Decision:
 
 
 # --- time ----------------------------------------------------------------------------------
-
-def format_time(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
 
 def parse_time(text: str | None) -> datetime.datetime | None:
     if not text:
@@ -209,7 +169,9 @@ def decide(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.datetime, 
     elif problem is None:
         _plan_definition(vm, snapshot, plan)
         _plan_power(vm, snapshot, now, plan)
-    status = build_status(vm, snapshot, now, node_name, plan, problem)
+    planned = Planned(tuple(a.kind for a in plan.actions), plan.crash_loop, plan.lifecycle.to_status(),
+                      plan.lifecycle.restart_count)
+    status = build_status(vm, snapshot, now, node_name, planned, problem)
     return Decision(tuple(plan.actions), status, tuple(plan.events), plan.requeue_after)
 
 
@@ -222,16 +184,10 @@ def _plan_deletion(vm: VMView, snapshot: DomainSnapshot | None, plan: _Plan) -> 
     plan.add("remove-finalizer")
 
 
-def _definition_current(vm: VMView, snapshot: DomainSnapshot | None) -> bool:
-    """A persistent definition of the current spec (an undefined running domain is transient)."""
-    return snapshot is not None and snapshot.persistent and snapshot.config_owner is not None and \
-        snapshot.config_owner.spec_hash == vm.spec_hash
-
-
 def _plan_definition(vm: VMView, snapshot: DomainSnapshot | None, plan: _Plan) -> None:
     recorded = plan.lifecycle.definition_digest
     plan.lifecycle = replace(plan.lifecycle, definition_digest=None)
-    if _definition_current(vm, snapshot):
+    if definition_current(vm, snapshot):
         digest = snapshot.config_digest
         if recorded is None or digest is None or recorded == digest:
             plan.lifecycle = replace(plan.lifecycle, definition_digest=digest)
@@ -388,168 +344,6 @@ def _stop_description(snapshot: DomainSnapshot | None) -> str:
     if snapshot is None:
         return "the domain disappeared"
     return f"the domain stopped ({snapshot.state}: {snapshot.reason})"
-
-
-# --- status --------------------------------------------------------------------------------
-
-def _printable(vm: VMView, snapshot: DomainSnapshot | None, plan: _Plan, problem: Problem | None) -> str:
-    if vm.deleting:
-        return "Terminating"
-    if problem is not None and problem.stalled and snapshot is None:
-        return "Failed"
-    if plan.crash_loop:
-        return "CrashLoopBackOff"
-    if snapshot is None:
-        return "Starting" if any(a.kind == "start" for a in plan.actions) else "Pending"
-    if any(a.kind == "stop" for a in plan.actions) or snapshot.state == "shutdown":
-        return "Stopping"
-    if snapshot.state in RUNNING_STATES:
-        return "Running"
-    if snapshot.state in ("paused", "pmsuspended"):
-        return "Paused"
-    if snapshot.state in ("shutoff", "crashed"):
-        return "Starting" if any(a.kind == "start" for a in plan.actions) else "Stopped"
-    return "Unknown"
-
-
-def _ready(vm: VMView, snapshot: DomainSnapshot | None, plan: _Plan, problem: Problem | None) -> tuple[bool, str, str]:
-    """(ready, reason, message) for the Ready condition."""
-    if vm.deleting:
-        return False, "Terminating", "the VM is being deleted"
-    if problem is not None:
-        return False, problem.reason, problem.message
-    if plan.crash_loop:
-        return False, "CrashLoopBackOff", plan.crash_loop
-    if plan.actions:
-        kinds = ", ".join(a.kind for a in plan.actions)
-        return False, "Reconciling", f"applying the spec: {kinds}"
-    if snapshot is None:
-        return False, "NotDefined", "the domain is not defined yet"
-    if snapshot.state in RUNNING_STATES:
-        return True, "RunningAsDesired", f"the domain {snapshot.name} is running"
-    if snapshot.state == "paused":
-        if vm.spec.get("paused"):
-            return True, "PausedAsDesired", "the domain is paused as spec.paused asks"
-        if vm.run_strategy == "Manual":
-            return True, "ManualAsObserved", f"the domain is paused ({snapshot.reason}); runStrategy Manual leaves it"
-        return False, "Paused", f"the domain is paused ({snapshot.reason})"
-    if snapshot.state in ("shutoff", "crashed"):
-        return True, "StoppedAsDesired", f"the domain is shut off ({snapshot.reason}) as runStrategy {vm.run_strategy} asks"
-    return False, "Transitioning", f"the domain is {snapshot.state} ({snapshot.reason})"
-
-
-def _condition(previous: Mapping[str, Mapping[str, Any]], kind: str, value: bool, reason: str, message: str,
-               generation: int, now: datetime.datetime) -> dict[str, Any]:
-    status = "True" if value else "False"
-    before = previous.get(kind)
-    changed = before is None or before.get("status") != status
-    return {
-        "type": kind, "status": status, "reason": reason, "message": message,
-        "observedGeneration": generation,
-        "lastTransitionTime": format_time(now) if changed else before.get("lastTransitionTime", format_time(now)),
-    }
-
-
-def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.datetime, node_name: str,
-                 plan: _Plan, problem: Problem | None) -> dict[str, Any]:
-    ready, ready_reason, ready_message = _ready(vm, snapshot, plan, problem)
-    stalled = (problem is not None and problem.stalled) or plan.crash_loop is not None
-    stalled_reason = problem.reason if problem is not None and problem.stalled else \
-        ("CrashLoopBackOff" if plan.crash_loop else "AsExpected")
-    stalled_message = problem.message if problem is not None and problem.stalled else (plan.crash_loop or "")
-    reconciling = not ready and not stalled
-    paused = snapshot is not None and snapshot.state in ("paused", "pmsuspended")
-    restart_required = (snapshot is not None and snapshot.active and snapshot.live_owner is not None
-                        and snapshot.live_owner.spec_hash != vm.spec_hash)
-    previous = {c.get("type"): c for c in vm.status.get("conditions", [])}
-    conditions = [
-        _condition(previous, "Ready", ready, ready_reason, ready_message, vm.generation, now),
-        _condition(previous, "Reconciling", reconciling, ready_reason if reconciling else "Idle",
-                   ready_message if reconciling else "", vm.generation, now),
-        _condition(previous, "Stalled", stalled, stalled_reason, stalled_message, vm.generation, now),
-        _condition(previous, "Paused", paused, _paused_reason(vm, snapshot) if paused else "NotPaused",
-                   "", vm.generation, now),
-        _condition(previous, "RestartRequired", restart_required,
-                   "SpecChangedWhileRunning" if restart_required else "UpToDate",
-                   "the running domain was booted from an older spec; a restart applies the new one (set the "
-                   f"annotation {RESTART_ANNOTATION} to a new value; a reboot inside the guest keeps the old one)"
-                   if restart_required else "",
-                   vm.generation, now),
-        _scheduled_here(previous, vm, node_name, now),
-    ]
-    applied = _definition_current(vm, snapshot) and not plan.actions
-    observed = vm.generation if applied or stalled and problem is not None else vm.status.get("observedGeneration")
-    status: dict[str, Any] = {
-        "printableStatus": _printable(vm, snapshot, plan, problem),
-        "ready": ready,
-        "nodeName": node_name,
-        "conditions": conditions,
-        "restartCount": plan.lifecycle.restart_count,
-        "lifecycle": plan.lifecycle.to_status(),
-    }
-    if observed is not None:
-        status["observedGeneration"] = observed
-    if snapshot is not None:
-        status["domain"] = _domain_status(snapshot)
-        status["vcpus"] = _vcpus(vm.spec, snapshot)
-        status["stats"] = stats_status(snapshot.stats)
-        status["interfaces"] = [
-            {"name": i.name, "macAddress": i.mac_address, "ipAddresses": list(i.ip_addresses)}
-            for i in snapshot.interfaces
-        ]
-    return status
-
-
-def _scheduled_here(previous: Mapping[str, Mapping[str, Any]], vm: VMView, node_name: str,
-                    now: datetime.datetime) -> dict[str, Any]:
-    """Scheduled=True on the node whose agent writes this status: the placement's reason kept when it was True."""
-    before = previous.get("Scheduled") or {}
-    if before.get("status") == "True" and node_name in before.get("message", ""):
-        reason, message = before.get("reason", "Placed"), before.get("message", "")
-    elif vm.spec.get("nodeName"):
-        reason, message = "Pinned", f"spec.nodeName is {node_name}"
-    else:
-        reason, message = "Placed", f"placed on {node_name}"
-    return _condition(previous, "Scheduled", True, reason, message, vm.generation, now)
-
-
-def _vcpus(spec: Mapping[str, Any], snapshot: DomainSnapshot) -> int:
-    """The domain's vCPUs: of the running definition while it runs (a change waiting for the next boot is not
-    there yet), else of the persistent one; what the spec asks when libvirt's figure is missing."""
-    if "vcpu.maximum" in snapshot.stats:
-        return int(snapshot.stats["vcpu.maximum"])
-    cpu = spec.get("cpu") or {}
-    return int(cpu.get("sockets", 1)) * int(cpu.get("cores", 1)) * int(cpu.get("threads", 1))
-
-
-def _paused_reason(vm: VMView, snapshot: DomainSnapshot | None) -> str:
-    if vm.spec.get("paused"):
-        return "PausedBySpec"
-    return "PausedOutsideOperator" if snapshot is None or snapshot.reason in ("user", "unknown") else \
-        "Paused" + "".join(word.capitalize() for word in snapshot.reason.split())
-
-
-def _domain_status(snapshot: DomainSnapshot) -> dict[str, Any]:
-    domain: dict[str, Any] = {
-        "name": snapshot.name, "uuid": snapshot.uuid, "state": snapshot.state, "reason": snapshot.reason,
-        "resourceVersion": str(snapshot.revision),
-    }
-    if snapshot.id is not None and snapshot.active:
-        domain["id"] = snapshot.id
-    return domain
-
-
-def stats_status(stats: Mapping[str, Any]) -> dict[str, Any]:
-    """The status.stats figures from one domain's bulk statistics (flat libvirt keys)."""
-    figures: dict[str, Any] = {}
-    if "cpu.time" in stats:
-        figures["cpuTimeSeconds"] = round(stats["cpu.time"] / 1e9, 3)
-    memory = stats.get("balloon.current", stats.get("balloon.maximum"))
-    if memory is not None:
-        figures["memoryBytes"] = int(memory) * 1024
-    if "vcpu.current" in stats:
-        figures["vcpus"] = int(stats["vcpu.current"])
-    return figures
 
 
 def unknown_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.datetime, node_name: str,

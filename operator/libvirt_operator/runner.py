@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 from libvirt_operator.model import VCPU_SCHEDULERS, AgentSettings, DownloadPolicy, PlacementPolicy, Tuning
-from libvirt_operator.spec import SpecError, parse_quantity
+from libvirt_operator.spec_fields import SpecError, parse_quantity
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         kube = KubeClient.from_environment("libvirt-operator", settings.node_name, args.kubeconfig and str(args.kubeconfig))
         agent = Agent(settings, kube, host, DomainCache(host, relist_interval=args.relist_seconds), tuning)
         if args.metrics_port:
-            metrics.serve(agent, args.metrics_port)
+            metrics.serve(agent.readings, args.metrics_port)
         return agent
 
     handlers.run(make_agent, liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz")

@@ -11,10 +11,11 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any, Union
+
+from libvirt_operator.spec_fields import SpecError, SpecObject, size_field
 
 MIN_MEMORY = 16 * 1024**2
 MIN_DISK = 1024**2
@@ -32,32 +33,10 @@ INTERFACE_KINDS = ("network", "bridge", "user")
 RUNTIME_FIELDS = ("runStrategy", "paused", "updateStrategy", "terminationGracePeriodSeconds", "nodeName", "nodeSelector")
 """Spec fields that steer the reconciler but do not change the domain definition."""
 
-_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-_QUANTITY = re.compile(rf"^(?P<number>{_NUMBER})(?:(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)|[eE](?P<exponent>[+-]?[0-9]+))?$")
-"""Kubernetes' quantity grammar (apimachinery's resource.ParseQuantity, which CEL's isQuantity uses)."""
-_SUFFIXES = {
-    None: Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
-    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12), "P": Decimal(10**15),
-    "E": Decimal(10**18),
-    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40), "Pi": Decimal(2**50),
-    "Ei": Decimal(2**60),
-}
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
-_XML_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_MISSING = object()
-
-
-class SpecError(ValueError):
-    """A spec the operator cannot apply; `field` is a path like `spec.disks[1].image.path`."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -174,123 +153,7 @@ _SOURCE_KEYS: dict[type, str] = {
 }
 
 
-def parse_quantity(value: Any, field: str) -> int:
-    """A Kubernetes quantity (`512Mi`, `1.5Gi`, `2G`, `1e9`, `1048576`) as whole bytes, rounded up; any
-    form the API server admits is read, a negative one is refused."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        amount = Decimal(value)
-    else:
-        match = _QUANTITY.match(value) if isinstance(value, str) else None
-        if match is None:
-            raise SpecError(field, f"{value!r} is not a quantity; write e.g. 512Mi, 1.5Gi, 2G or a number of bytes")
-        exponent = match.group("exponent")
-        try:
-            scale = Decimal(10) ** int(exponent) if exponent is not None else _SUFFIXES[match.group("suffix")]
-            amount = Decimal(match.group("number")) * scale
-        except ArithmeticError as error:
-            raise SpecError(field, f"{value!r} is not a quantity") from error
-    if amount < 0:
-        raise SpecError(field, f"{value!r} is negative; give a size such as 512Mi")
-    return math.ceil(amount)
-
-
-class _Object:
-    """One JSON object of the spec at `path`, read field by field with errors naming the field."""
-
-    def __init__(self, data: Any, path: str, allowed: Sequence[str]) -> None:
-        if not isinstance(data, Mapping):
-            raise SpecError(path, f"must be an object, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise SpecError(f"{path}.{unknown[0]}", f"unknown field; allowed here: {', '.join(allowed)}")
-        self.data = data
-        self.path = path
-
-    def at(self, key: str) -> str:
-        return f"{self.path}.{key}"
-
-    def has(self, key: str) -> bool:
-        return self.data.get(key) is not None
-
-    def raw(self, key: str, default: Any = _MISSING) -> Any:
-        value = self.data.get(key)
-        if value is None:
-            if default is _MISSING:
-                raise SpecError(self.at(key), "is required")
-            return default
-        return value
-
-    def string(self, key: str, default: Any = _MISSING) -> Any:
-        value = self.raw(key, default)
-        if value is default:
-            return value
-        if not isinstance(value, str) or not value:
-            raise SpecError(self.at(key), f"must be a non-empty string, got {value!r}")
-        if _XML_UNSAFE.search(value):
-            raise SpecError(self.at(key), "contains control characters; only tab, newline and printable text are allowed")
-        return value
-
-    def file_path(self, key: str, default: Any = _MISSING) -> Any:
-        """An absolute file path on the node, on one line."""
-        value = self.string(key, default)
-        if value is not default and (not value.startswith("/") or len(value) < 2 or _CONTROL.search(value)):
-            raise SpecError(self.at(key), f"{value!r} must be an absolute path (starting with /) without "
-                            "tabs, newlines or other control characters")
-        return value
-
-    def object_name(self, key: str) -> str:
-        """The name of a libvirt object (a pool, a volume): no '/', no control characters."""
-        value = self.string(key)
-        if "/" in value or _CONTROL.search(value) or value in (".", ".."):
-            raise SpecError(self.at(key), f"{value!r} must be a libvirt name: not . or .., no '/', tabs, newlines "
-                            "or other control characters")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            raise SpecError(self.at(key), f"must be true or false, got {value!r}")
-        return value
-
-    def integer(self, key: str, default: Any = _MISSING, minimum: int = 0) -> Any:
-        value = self.raw(key, default)
-        if value is default:
-            return value
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise SpecError(self.at(key), f"must be a whole number of at least {minimum}, got {value!r}")
-        return value
-
-    def choice(self, key: str, allowed: Sequence[str], default: Any = _MISSING) -> Any:
-        value = self.raw(key, default)
-        if value is not default and value not in allowed:
-            raise SpecError(self.at(key), f"{value!r} is not one of {', '.join(allowed)}")
-        return value
-
-    def child(self, key: str, allowed: Sequence[str]) -> _Object:
-        return _Object(self.raw(key, {}), self.at(key), allowed)
-
-    def labels(self, key: str) -> tuple[tuple[str, str], ...]:
-        """A map of label keys to values (as a nodeSelector), sorted."""
-        value = self.raw(key, {})
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise SpecError(self.at(key), f"must map label keys to string values, got {value!r}")
-        return tuple(sorted(value.items()))
-
-    def items(self, key: str) -> list[Any]:
-        value = self.raw(key, [])
-        if not isinstance(value, list):
-            raise SpecError(self.at(key), f"must be a list, got {type(value).__name__}")
-        return value
-
-    def exactly_one(self, keys: Sequence[str]) -> str:
-        present = [key for key in keys if key in self.data]
-        if len(present) != 1:
-            found = f"found {', '.join(present)}" if present else "found none"
-            raise SpecError(self.path, f"needs exactly one of {', '.join(keys)}; {found}")
-        return present[0]
-
-
-def _name(obj: _Object, seen: set[str]) -> str:
+def _name(obj: SpecObject, seen: set[str]) -> str:
     name = obj.string("name")
     if not _NAME.match(name):
         raise SpecError(obj.at("name"), f"{name!r} must be a DNS label: lowercase letters, digits and '-', at most 63")
@@ -300,7 +163,7 @@ def _name(obj: _Object, seen: set[str]) -> str:
     return name
 
 
-def _cpu(spec: _Object) -> CPU:
+def _cpu(spec: SpecObject) -> CPU:
     obj = spec.child("cpu", ("sockets", "cores", "threads", "mode", "model"))
     mode = obj.choice("mode", CPU_MODES, None)
     model = obj.string("model", None)
@@ -312,33 +175,33 @@ def _cpu(spec: _Object) -> CPU:
     )
 
 
-def _memory(spec: _Object) -> int:
-    memory = parse_quantity(spec.raw("memory"), spec.at("memory"))
+def _memory(spec: SpecObject) -> int:
+    memory = size_field(spec, "memory")
     if memory < MIN_MEMORY:
-        raise SpecError(spec.at("memory"), f"{memory} bytes is too small; give at least 16Mi")
-    return memory
+        raise SpecError(spec.at("memory"), f"{memory:f} bytes is too small; give at least 16Mi")
+    return math.ceil(memory)
 
 
-def _kernel_boot(spec: _Object) -> KernelBoot | None:
+def _kernel_boot(spec: SpecObject) -> KernelBoot | None:
     if not spec.has("kernelBoot"):
         return None
     obj = spec.child("kernelBoot", ("kernel", "initrd", "cmdline"))
     return KernelBoot(kernel=obj.file_path("kernel"), initrd=obj.file_path("initrd", None), cmdline=obj.string("cmdline", None))
 
 
-def _image(obj: _Object) -> ImageSource:
+def _image(obj: SpecObject) -> ImageSource:
     return ImageSource(path=obj.file_path("path"), clone=obj.boolean("clone", False),
                        format=obj.choice("format", IMAGE_FORMATS, None))
 
 
-def _empty_disk(obj: _Object) -> EmptyDiskSource:
-    size = parse_quantity(obj.raw("size"), obj.at("size"))
-    if size < 1:
+def _empty_disk(obj: SpecObject) -> EmptyDiskSource:
+    size = size_field(obj, "size")
+    if size <= 0:
         raise SpecError(obj.at("size"), f"{obj.raw('size')!r} must be a positive size such as 10Gi")
-    return EmptyDiskSource(size=max(size, MIN_DISK))
+    return EmptyDiskSource(size=max(math.ceil(size), MIN_DISK))
 
 
-def _cloud_init(obj: _Object) -> CloudInitSource:
+def _cloud_init(obj: SpecObject) -> CloudInitSource:
     given = obj.exactly_one(("userData", "userDataSecretRef"))
     network_data = obj.string("networkData", None)
     if given == "userData":
@@ -347,11 +210,11 @@ def _cloud_init(obj: _Object) -> CloudInitSource:
     return CloudInitSource(user_data_secret=secret, network_data=network_data)
 
 
-def _volume(obj: _Object) -> VolumeSource:
+def _volume(obj: SpecObject) -> VolumeSource:
     return VolumeSource(pool=obj.object_name("pool"), name=obj.object_name("name"))
 
 
-def _http(obj: _Object) -> HttpSource:
+def _http(obj: SpecObject) -> HttpSource:
     url = obj.string("url")
     if not url.startswith(("http://", "https://")):
         raise SpecError(obj.at("url"), f"{url!r} must start with http:// or https://")
@@ -361,7 +224,7 @@ def _http(obj: _Object) -> HttpSource:
     return HttpSource(url=url, sha256=sha256)
 
 
-def _cdrom(obj: _Object) -> ImageSource | HttpSource:
+def _cdrom(obj: SpecObject) -> ImageSource | HttpSource:
     """What a CD-ROM holds: an image used as it is, or an http download (a read-only overlay over it)."""
     if obj.exactly_one(("image", "http")) == "image":
         return _image(obj.child("image", ("path", "format")))
@@ -378,7 +241,7 @@ _SOURCE_PARSERS = {
 }
 
 
-def _disk(obj: _Object, names: set[str], boot_orders: set[int]) -> Disk:
+def _disk(obj: SpecObject, names: set[str], boot_orders: set[int]) -> Disk:
     name = _name(obj, names)
     key = obj.exactly_one(DISK_SOURCES)
     parser, allowed = _SOURCE_PARSERS[key]
@@ -399,7 +262,7 @@ def _disk(obj: _Object, names: set[str], boot_orders: set[int]) -> Disk:
                 read_only=read_only or key in ("cloudInit", "cdrom"), cdrom=key == "cdrom")
 
 
-def _interface(obj: _Object, names: set[str], macs: set[str]) -> Interface:
+def _interface(obj: SpecObject, names: set[str], macs: set[str]) -> Interface:
     name = _name(obj, names)
     kind = obj.exactly_one(INTERFACE_KINDS)
     if kind == "user":
@@ -436,17 +299,17 @@ INTERFACE_FIELDS = ("name", "model", "macAddress", *INTERFACE_KINDS)
 
 def parse_spec(data: Mapping[str, Any]) -> VMSpec:
     """Validates a VirtualMachine `spec` and returns it with defaults filled in."""
-    spec = _Object(data, "spec", SPEC_FIELDS)
+    spec = SpecObject(data, "spec", SPEC_FIELDS)
     disk_names: set[str] = set()
     boot_orders: set[int] = set()
     disks = tuple(
-        _disk(_Object(item, f"spec.disks[{i}]", DISK_FIELDS), disk_names, boot_orders)
+        _disk(SpecObject(item, f"spec.disks[{i}]", DISK_FIELDS), disk_names, boot_orders)
         for i, item in enumerate(spec.items("disks"))
     )
     nic_names: set[str] = set()
     macs: set[str] = set()
     interfaces = tuple(
-        _interface(_Object(item, f"spec.interfaces[{i}]", INTERFACE_FIELDS), nic_names, macs)
+        _interface(SpecObject(item, f"spec.interfaces[{i}]", INTERFACE_FIELDS), nic_names, macs)
         for i, item in enumerate(spec.items("interfaces"))
     )
     return VMSpec(
