@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e import wait_until
 from libvirt_operator.testing import node_cleanup
 from libvirt_operator.testing.controlplane import pid_alive
 from libvirt_operator.testing.node import Node
@@ -73,8 +74,8 @@ def test_a_killed_run_leaves_nothing_after_the_cleanup(killed_run: subprocess.Po
                                                        sysctls_before: dict[str, str]) -> None:
     observer = Node()   # the killed owner's node, seen through its files
     observer.kubectl("apply", "-k", str(OVERLAY))
-    observer.kubectl("-n", "kube-system", "rollout", "status", "daemonset/libvirt-operator-agent", "--timeout=120s",
-                     timeout=150)
+    wait_until(lambda: observer.kubectl("-n", "kube-system", "get", "pods", "-o", "jsonpath={.items[*].status.phase}",
+                                        ).stdout == "Running", timeout=120, what="the agent's pod runs")
     subprocess.run(["virsh", "-c", observer.host.uri, "create", "/dev/stdin"], input=GUEST, text=True, check=True,
                    capture_output=True)
     guest = observer.host.qemu_pid("lvo-killed-run")
