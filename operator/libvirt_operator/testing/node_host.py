@@ -92,7 +92,10 @@ class NodeHost:
         for path in paths:
             target = self.dir("/var/lib/libvirt") / path.relative_to("/var/lib/libvirt")
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+            # Contents and mode only: the xattrs hold the machine libvirtd's DAC labels (remember_owner), with
+            # which the node's libvirtd refuses the file as in use by another owner.
+            shutil.copyfile(path, target)
+            shutil.copymode(path, target)
 
     def _pid_file(self, daemon: str) -> Path:
         return self.root / f"{daemon}.pid"
