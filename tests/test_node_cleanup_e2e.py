@@ -17,7 +17,9 @@ from e2e import wait_until
 from libvirt_operator.testing import node_cleanup
 from libvirt_operator.testing.controlplane import pid_alive
 from libvirt_operator.testing.node import Node
-from libvirt_operator.testing.node_cleanup import CGROUP_ROOT, CGROUPS, HOST_VETH, KUBELET_SYSCTLS, NETNS, STATE
+from libvirt_operator.testing.node_cleanup import (
+    CGROUP_ROOT, CGROUPS, HOST_VETH, KUBELET_SYSCTLS, NETNS, STATE, node_pids,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -31,13 +33,6 @@ HOST_SYSCTLS = (*KUBELET_SYSCTLS, "net/ipv4/ip_forward", "net/ipv4/conf/all/rout
 
 def sysctls() -> dict[str, str]:
     return {name: (Path("/proc/sys") / name).read_text() for name in HOST_SYSCTLS}
-
-
-def node_pids() -> set[int]:
-    listed = subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True, text=True).stdout.split()
-    in_cgroups = [int(pid) for hierarchy in CGROUPS.iterdir() if (hierarchy / CGROUP_ROOT).is_dir()
-                  for procs in (hierarchy / CGROUP_ROOT).rglob("cgroup.procs") for pid in procs.read_text().split()]
-    return {int(pid) for pid in listed} | set(in_cgroups)
 
 
 def mounts_of_the_node() -> list[str]:

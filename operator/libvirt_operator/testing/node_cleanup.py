@@ -51,7 +51,7 @@ def _node_cgroups() -> list[Path]:
     return sorted([*found, *below], key=lambda path: len(path.parts), reverse=True)
 
 
-def _node_pids() -> set[int]:
+def node_pids() -> set[int]:
     """Processes in the node's network namespace (control plane, containerd, shims, kubelet, libvirtd,
     its guests, the mount namespace's holder) and in its cgroups (the containers, which have network
     namespaces of their own)."""
@@ -68,16 +68,16 @@ def _node_pids() -> set[int]:
 
 def _kill_all() -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _node_pids()
+        pids = node_pids()
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        while _node_pids() and time.monotonic() < deadline:
+        while node_pids() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not _node_pids():
+        if not node_pids():
             return
 
 
