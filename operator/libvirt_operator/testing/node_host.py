@@ -25,7 +25,6 @@ from libvirt_operator.testing.node_cleanup import LIBVIRT_DIRS, NETNS, STATE
 
 HOST_LIBVIRT_CONFIG = Path("/etc/libvirt")
 HOST_LIBVIRT_CACHE = Path("/var/cache/libvirt")
-HOLDER_PID = STATE / "mount-namespace.pid"
 # Test hosts share the machine's cgroups: no controllers, so two daemons' guests never share a cgroup name.
 NODE_QEMU_SETTINGS = {"cgroup_controllers": "[ ]"}
 
@@ -57,7 +56,6 @@ class NodeHost:
         self.holder = spawn(["unshare", "--mount", "--propagation", "slave", "--",
                              "sh", "-c", f"{mounts} && exec sleep infinity"], self.logs / "mount-namespace.log",
                             netns=NETNS)
-        HOLDER_PID.write_text(str(self.holder))
         deadline = time.monotonic() + 10
         while f" {LIBVIRT_DIRS[-1]} " not in Path(f"/proc/{self.holder}/mountinfo").read_text():
             if time.monotonic() > deadline or not pid_alive(self.holder):
