@@ -4,7 +4,9 @@ etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd, kubel
 all inside one network namespace the node creates (`lvo-node`): the node's address, its pod
 network (a CNI bridge) and the `kubernetes` Service (kube-proxy's iptables rules) exist only
 there. A veth pair lets the tests reach the API server at the node's address; nothing routes
-out of the namespace. Pods reach the host's libvirtd through the socket their hostPath mounts.
+out of the namespace. The node is a libvirt host of its own (`node_host.py`): containerd, kubelet
+and kube-proxy run in its mount namespace, where a libvirtd of its own runs, so pods reach that
+libvirtd through the socket their hostPath mounts, as on a separate machine.
 
 The binaries come from `hack/build-binaries.sh` and `hack/build-node-binaries.sh`, the images
 (the agent's and the pause image) from `hack/build-image.sh`; all are cached per machine.
@@ -22,6 +24,7 @@ from pathlib import Path
 from lvo_testing import node_cleanup
 from lvo_testing.controlplane import SERVICE_CIDR, ControlPlane, KubectlError, run_build_script, spawn
 from lvo_testing.node_cleanup import CGROUP_ROOT, HOST_VETH, NETNS, STATE
+from lvo_testing.node_host import NodeHost
 
 NODE_VETH = "lvo-node-ns"
 HOST_ADDRESS, NODE_ADDRESS = "10.213.0.1", "10.213.0.2"
@@ -44,6 +47,7 @@ class Node:
         self.kubectl = self.plane.kubectl
         self.containerd_socket = STATE / "containerd" / "containerd.sock"
         self._logs = STATE / "logs"
+        self.host = NodeHost(self._logs)
 
     def __enter__(self) -> Node:
         self.start()
@@ -56,6 +60,7 @@ class Node:
         node_cleanup.clean()
         self._logs.mkdir(parents=True, exist_ok=True)
         self._make_network()
+        self.host.start()
         self.plane.start()
         self._start_containerd()
         self._spawn("kube-controller-manager", self._controller_manager_args())
@@ -65,7 +70,7 @@ class Node:
             f"--authorization-kubeconfig={scheduler}", "--bind-address=127.0.0.1", "--leader-elect=false",
         ])
         self._start_kubelet()
-        self._spawn("kube-proxy", [f"--config={self._kube_proxy_config()}"])
+        self._spawn_on_host("kube-proxy", [f"--config={self._kube_proxy_config()}"])
         self._wait_node_ready()
 
     def stop(self) -> None:
@@ -76,7 +81,7 @@ class Node:
         for hierarchy in node_cleanup.CGROUPS.iterdir():   # kubelet wants its cgroupRoot made
             if hierarchy.name != "unified":
                 (hierarchy / CGROUP_ROOT).mkdir(exist_ok=True)
-        self._spawn("kubelet", [
+        self._spawn_on_host("kubelet", [
             f"--config={self._kubelet_config()}",
             f"--kubeconfig={self.plane.component_kubeconfig(f'system:node:{NODE_NAME}', 'system:nodes')}",
             f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_ADDRESS}",
@@ -108,8 +113,12 @@ class Node:
         }))
 
     def _spawn(self, binary: str, args: list[str]) -> None:
+        spawn([str(self.bin / binary), *args], self._logs / f"{binary}.log", netns=NETNS)
+
+    def _spawn_on_host(self, binary: str, args: list[str]) -> None:
+        """In the node's mount namespace too: what mounts hostPaths sees the node's libvirt directories."""
         path = self.bin / binary if (self.bin / binary).exists() else Path("/usr/bin") / binary   # containerd
-        spawn([str(path), *args], self._logs / f"{binary}.log", netns=NETNS)
+        spawn([*self.host.enter(), str(path), *args], self._logs / f"{binary}.log")
 
     # containerd, with the locally built images imported.
 
@@ -135,7 +144,7 @@ class Node:
             f"[{cri}.containerd.runtimes.runc.options]", "  SystemdCgroup = false",
             "",
         ]))
-        self._spawn("containerd", [f"--config={config}"])
+        self._spawn_on_host("containerd", [f"--config={config}"])
         self._wait(lambda: self._ctr("version").returncode == 0, "containerd", 30)
         for archive in (self.pause_image_archive, self.agent_image_archive):
             result = self._ctr("images", "import", "--no-unpack", str(archive))

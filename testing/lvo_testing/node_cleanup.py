@@ -1,7 +1,7 @@
 """Removes everything a real test node (`testing/node.py`) leaves on the machine, also after a run
-that was killed: its processes and containers, their mounts and cgroups, its network namespace
-(with its veth pair, iptables rules and per-namespace sysctls), the global sysctls kubelet changed,
-and its state directory.
+that was killed: its processes (its own libvirtd and guests among them) and containers, their mounts
+and cgroups, its network and mount namespaces (with its veth pair, iptables rules and per-namespace
+sysctls), the global sysctls kubelet changed, and its state directory.
 
 Standard library only: `hack/clean-stale.sh` runs it with the system python3 before a fresh
 clone has a virtualenv (`python3 testing/lvo_testing/node_cleanup.py`).
@@ -25,6 +25,8 @@ CGROUPS = Path("/sys/fs/cgroup")
 # What kubelet sets on start (kernel defaults it expects); the node records the values it found.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 SAVED_SYSCTLS = STATE / "sysctls.json"
+# The node's own copies of these, bind-mounted in its mount namespace (`testing/node_host.py`).
+LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
 
 
 def save_sysctls() -> None:
@@ -44,13 +46,15 @@ def _restore_sysctls() -> None:
 def _node_cgroups() -> list[Path]:
     """The node's cgroups in every hierarchy, deepest first."""
     found = [path for hierarchy in CGROUPS.iterdir() if (path := hierarchy / CGROUP_ROOT).is_dir()]
-    below = [sub for top in found for sub in top.rglob("*") if sub.is_dir()]
+    # os.walk, not rglob: a container's cgroup may vanish while the walk runs.
+    below = [Path(parent) / name for top in found for parent, names, _ in os.walk(top) for name in names]
     return sorted([*found, *below], key=lambda path: len(path.parts), reverse=True)
 
 
-def _node_pids() -> set[int]:
-    """Processes in the node's network namespace (control plane, containerd, shims, kubelet) and in
-    its cgroups (the containers, which have network namespaces of their own)."""
+def node_pids() -> set[int]:
+    """Processes in the node's network namespace (control plane, containerd, shims, kubelet, libvirtd,
+    its guests, the mount namespace's holder) and in its cgroups (the containers, which have network
+    namespaces of their own)."""
     pids: set[int] = set()
     listed = subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True, text=True)
     pids.update(int(pid) for pid in listed.stdout.split())
@@ -64,16 +68,16 @@ def _node_pids() -> set[int]:
 
 def _kill_all() -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _node_pids()
+        pids = node_pids()
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        while _node_pids() and time.monotonic() < deadline:
+        while node_pids() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not _node_pids():
+        if not node_pids():
             return
 
 
