@@ -34,7 +34,7 @@ def _ip(*args: str) -> None:
 
 
 @dataclass
-class TestHost:
+class BedHost:
     name: str
     address: str
     libvirt: NodeHost
@@ -65,9 +65,9 @@ class LibvirtHosts:
         self.hosts = [self._host(f"{prefix}{index}", f"{SUBNET}.{index + 1}") for index in range(count)]
 
     @staticmethod
-    def _host(name: str, address: str) -> TestHost:
+    def _host(name: str, address: str) -> BedHost:
         root = HOSTS_STATE / name
-        return TestHost(name, address, NodeHost(root / "libvirt", root / "logs", name, tcp_address=address))
+        return BedHost(name, address, NodeHost(root / "libvirt", root / "logs", name, tcp_address=address))
 
     def __enter__(self) -> LibvirtHosts:
         self.start()
@@ -88,7 +88,7 @@ class LibvirtHosts:
             host.virsh("pool-define-as", POOL, "dir", "--target", str(POOL_PATH))
             host.virsh("pool-start", POOL)
 
-    def _connect(self, host: TestHost) -> None:
+    def _connect(self, host: BedHost) -> None:
         """The host's namespace, and a veth from it to the bridge (the host's end named after it)."""
         _ip("netns", "add", host.name)
         _ip("-n", host.name, "link", "set", "lo", "up")
@@ -106,7 +106,7 @@ class LibvirtHosts:
         for host in self.hosts:
             host.libvirt.copy_in(*paths)
 
-    def agent(self, host: TestHost, workdir: Path, kubeconfig: Path, *extra_args: str) -> AgentProcess:
+    def agent(self, host: BedHost, workdir: Path, kubeconfig: Path, *extra_args: str) -> AgentProcess:
         """An agent for `host` (its node name is the host's), publishing how other hosts reach it."""
         return AgentProcess(workdir, kubeconfig, libvirt_uri=host.uri, node_name=host.name,
                             command_prefix=tuple(host.libvirt.enter(network=False)),

@@ -120,16 +120,18 @@ def _mount_namespace(pid: int | str) -> str | None:
         return None
 
 
-def host_pids(names: str = HOSTS_NAMES) -> set[int]:
+def host_pids(names: str = HOSTS_NAMES, mount_namespaces: set[str] | None = None) -> set[int]:
     """Processes in the hosts' network namespaces (libvirtd, virtlogd, guests, the mount namespaces' holders)
-    and in their mount namespaces (the agents, which use the machine's network)."""
+    and in their mount namespaces (the agents, which use the machine's network). `mount_namespaces` gathers
+    those mount namespaces across calls: the agents are found after the holders died."""
     pids: set[int] = set()
     for netns in host_namespaces(names):
         listed = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
         pids.update(int(pid) for pid in listed.stdout.split())
-    mount_namespaces = {_mount_namespace(pid) for pid in pids} - {_mount_namespace("self"), None}
+    seen = mount_namespaces if mount_namespaces is not None else set()
+    seen.update({_mount_namespace(pid) for pid in pids} - {_mount_namespace("self"), None})
     pids.update(int(entry.name) for entry in Path("/proc").iterdir()
-                if entry.name.isdigit() and _mount_namespace(entry.name) in mount_namespaces)
+                if entry.name.isdigit() and _mount_namespace(entry.name) in seen)
     pids.discard(os.getpid())
     return pids
 
@@ -137,7 +139,8 @@ def host_pids(names: str = HOSTS_NAMES) -> set[int]:
 def clean_hosts(names: str = HOSTS_NAMES) -> None:
     """Removes the test bed's hosts whose names match `names`: processes, namespaces (their veths with them),
     mounts and state directories."""
-    _kill_all(lambda: host_pids(names))
+    mount_namespaces: set[str] = set()
+    _kill_all(lambda: host_pids(names, mount_namespaces))
     for netns in host_namespaces(names):
         subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
     states = [path for path in HOSTS_STATE.glob("*") if re.fullmatch(names, path.name)] if HOSTS_STATE.is_dir() else []
