@@ -36,6 +36,7 @@ if virsh -c qemu:///system version >/dev/null 2>&1; then
     esac
   done
 fi
-# A real test node (kubelet, containerd, its network namespace, mounts, cgroups and sysctls).
+# A real test node (kubelet, containerd, its network namespace, mounts, cgroups and sysctls), and the
+# test bed of several libvirt hosts (testing/lvo_testing/libvirt_hosts.py).
 python3 "$(dirname "$0")/../testing/lvo_testing/node_cleanup.py"
 exit 0

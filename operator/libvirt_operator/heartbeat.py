@@ -92,6 +92,8 @@ class NodeHeartbeat:
             "vms": counts[0],
             "foreignDomains": self.cache.foreign_domains,
         }
+        if migration := migration_status(self.settings):
+            status["migration"] = migration
         if capacity is not None:
             status["hypervisor"] = {
                 "type": capacity.hypervisor_type, "version": capacity.hypervisor_version,
@@ -137,3 +139,9 @@ class NodeHeartbeat:
                     await self.kube.patch_node_status(name, {"state": "NotReady"})
                 except ApiException as error:
                     log.info("could not mark LibvirtNode %s NotReady: %s", name, error)
+
+
+def migration_status(settings: AgentSettings) -> dict[str, str]:
+    """`LibvirtNode.status.migration`: how other hosts reach this one for a move; the flags given, else empty."""
+    given = {"uri": settings.migration_uri, "address": settings.migration_address}
+    return {key: value for key, value in given.items() if value}

@@ -82,6 +82,10 @@ class AgentSettings:
     allow_user_networking: bool = False
     download_policy: DownloadPolicy = DownloadPolicy(max_bytes=64 << 30, deadline_seconds=3600.0)
     placement: PlacementPolicy = PlacementPolicy()
+    migration_uri: str | None = None
+    """The libvirt URI other hosts' libvirtd use to reach this host's (DESIGN.md §3); None: not published."""
+    migration_address: str | None = None
+    """Where this host receives the migration stream; None: not published."""
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-id", default="",
                         help="this cluster's identity in every domain's mark (default: the uid of namespace kube-system); "
                              "domains marked by another cluster on the same host are never touched")
+    parser.add_argument("--migration-uri", default=None,
+                        help="the libvirt URI other hosts' libvirtd use to reach this host's, e.g. "
+                             "qemu+tls://node-a/system; published in LibvirtNode.status.migration (default: none)")
+    parser.add_argument("--migration-address", default=None,
+                        help="the address where this host receives the migration stream; published in "
+                             "LibvirtNode.status.migration (default: none)")
     placement = defaults.placement
     parser.add_argument("--cpu-allocation-ratio", type=float, default=placement.cpu_allocation_ratio,
                         help="vCPUs placed per host CPU (default 4.0)")
@@ -107,6 +113,7 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
         allowed_bridges=tuple(args.allowed_bridges or defaults.allowed_bridges),
         allowed_pools=tuple(args.allowed_pools or defaults.allowed_pools),
         allow_user_networking=args.allow_user_networking,
+        migration_uri=args.migration_uri, migration_address=args.migration_address,
         placement=PlacementPolicy(
             cpu_allocation_ratio=args.cpu_allocation_ratio, memory_allocation_ratio=args.memory_allocation_ratio,
             vm_memory_overhead=args.vm_memory_overhead, capacity_vcpus=args.capacity_vcpus,

@@ -23,13 +23,16 @@ class AgentProcess:
     if the agent logged a traceback (`allow_tracebacks` for a test that provokes one on purpose)."""
 
     def __init__(self, workdir: Path, kubeconfig: Path, *, libvirt_uri: str, node_name: str,
-                 extra_args: tuple[str, ...] = (), allow_tracebacks: bool = False) -> None:
+                 extra_args: tuple[str, ...] = (), allow_tracebacks: bool = False,
+                 command_prefix: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.kubeconfig = kubeconfig
         self.libvirt_uri = libvirt_uri
         self.node_name = node_name
         self.extra_args = extra_args
         self.allow_tracebacks = allow_tracebacks
+        self.command_prefix = command_prefix
+        """Runs the agent through it (e.g. `nsenter` into a test host's mount namespace)."""
         self.liveness_port = free_port()
         self.metrics_port = free_port()
         self.log_path = workdir / f"agent-{node_name}.log"
@@ -54,7 +57,7 @@ class AgentProcess:
 
     @property
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "libvirt_operator.cli", "run", "--libvirt-uri", self.libvirt_uri,
+        return [*self.command_prefix, sys.executable, "-m", "libvirt_operator.cli", "run", "--libvirt-uri", self.libvirt_uri,
                 "--node-name", self.node_name, "--kubeconfig", str(self.kubeconfig),
                 "--liveness-port", str(self.liveness_port), "--metrics-port", str(self.metrics_port),
                 *self.extra_args]

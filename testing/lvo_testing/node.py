@@ -47,7 +47,7 @@ class Node:
         self.kubectl = self.plane.kubectl
         self.containerd_socket = STATE / "containerd" / "containerd.sock"
         self._logs = STATE / "logs"
-        self.host = NodeHost(self._logs)
+        self.host = NodeHost(STATE / "libvirt", self._logs, NETNS)
 
     def __enter__(self) -> Node:
         self.start()

@@ -1,7 +1,8 @@
 """Removes everything a real test node (`testing/node.py`) leaves on the machine, also after a run
 that was killed: its processes (its own libvirtd and guests among them) and containers, their mounts
 and cgroups, its network and mount namespaces (with its veth pair, iptables rules and per-namespace
-sysctls), the global sysctls kubelet changed, and its state directory.
+sysctls), the global sysctls kubelet changed, and its state directory. Likewise the hosts of the
+test bed of several libvirt hosts (`libvirt_hosts.py`): `clean_hosts()`.
 
 Standard library only: `hack/clean-stale.sh` runs it with the system python3 before a fresh
 clone has a virtualenv (`python3 testing/lvo_testing/node_cleanup.py`).
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 STATE = Path("/var/lib/libvirt-operator-test-node")
@@ -27,6 +30,9 @@ KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops
 SAVED_SYSCTLS = STATE / "sysctls.json"
 # The node's own copies of these, bind-mounted in its mount namespace (`testing/node_host.py`).
 LIBVIRT_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
+# The test bed's hosts: each a network namespace and a state directory of this name, below HOSTS_STATE.
+HOSTS_STATE = Path("/var/lib/libvirt-operator-test-hosts")
+HOSTS_NAMES = r"lvo-h[\w-]*"
 
 
 def save_sysctls() -> None:
@@ -66,18 +72,17 @@ def node_pids() -> set[int]:
     return pids
 
 
-def _kill_all() -> None:
+def _kill_all(pids_of: Callable[[], set[int]]) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = node_pids()
-        for pid in pids:
+        for pid in pids_of():
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        while node_pids() and time.monotonic() < deadline:
+        while pids_of() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not node_pids():
+        if not pids_of():
             return
 
 
@@ -89,7 +94,7 @@ def _unmount_under(root: Path) -> None:
 
 
 def clean() -> None:
-    _kill_all()
+    _kill_all(node_pids)
     _unmount_under(STATE)
     for cgroup in _node_cgroups():
         try:
@@ -102,5 +107,50 @@ def clean() -> None:
     subprocess.run(["rm", "-rf", "--one-file-system", str(STATE)], check=False)
 
 
+def host_namespaces(names: str = HOSTS_NAMES) -> list[str]:
+    """The network namespaces whose names match the regular expression `names` in full."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+    return [line.split()[0] for line in listed if line.strip() and re.fullmatch(names, line.split()[0])]
+
+
+def _mount_namespace(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def host_pids(names: str = HOSTS_NAMES, mount_namespaces: set[str] | None = None) -> set[int]:
+    """Processes in the hosts' network namespaces (libvirtd, virtlogd, guests, the mount namespaces' holders)
+    and in their mount namespaces (the agents, which use the machine's network). `mount_namespaces` gathers
+    those mount namespaces across calls: the agents are found after the holders died."""
+    pids: set[int] = set()
+    for netns in host_namespaces(names):
+        listed = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+        pids.update(int(pid) for pid in listed.stdout.split())
+    seen = mount_namespaces if mount_namespaces is not None else set()
+    seen.update({_mount_namespace(pid) for pid in pids} - {_mount_namespace("self"), None})
+    pids.update(int(entry.name) for entry in Path("/proc").iterdir()
+                if entry.name.isdigit() and _mount_namespace(entry.name) in seen)
+    pids.discard(os.getpid())
+    return pids
+
+
+def clean_hosts(names: str = HOSTS_NAMES) -> None:
+    """Removes the test bed's hosts whose names match `names`: processes, namespaces (their veths with them),
+    mounts and state directories."""
+    mount_namespaces: set[str] = set()
+    _kill_all(lambda: host_pids(names, mount_namespaces))
+    for netns in host_namespaces(names):
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
+    states = [path for path in HOSTS_STATE.glob("*") if re.fullmatch(names, path.name)] if HOSTS_STATE.is_dir() else []
+    for state in states:
+        _unmount_under(state)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(state)], check=False)
+    if HOSTS_STATE.is_dir() and not any(HOSTS_STATE.iterdir()):
+        HOSTS_STATE.rmdir()
+
+
 if __name__ == "__main__":
     clean()
+    clean_hosts()

@@ -1,6 +1,7 @@
-"""The test node's own libvirt host: a mount namespace inside the node's network namespace, in which
+"""A libvirt host of its own on this machine: a mount namespace inside a network namespace, in which
 /etc/libvirt, /run/libvirt, /var/lib/libvirt, /var/log/libvirt and /var/cache/libvirt are the
-node's own directories (under its state directory), and a libvirtd of its own running there.
+host's own directories (under its state directory), and a libvirtd of its own running there. The
+test node (`node.py`) is one; the test bed of several hosts (`libvirt_hosts.py`) makes N.
 
 containerd, kubelet and kube-proxy run in that mount namespace too, so the DaemonSet's hostPath
 mounts resolve to the node's directories, as on a separate machine: the test may stop this libvirtd
@@ -21,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from lvo_testing.controlplane import pid_alive, spawn
-from lvo_testing.node_cleanup import LIBVIRT_DIRS, NETNS, STATE
+from lvo_testing.node_cleanup import LIBVIRT_DIRS
 
 HOST_LIBVIRT_CONFIG = Path("/etc/libvirt")
 HOST_LIBVIRT_CACHE = Path("/var/cache/libvirt")
@@ -30,11 +31,15 @@ NODE_QEMU_SETTINGS = {"cgroup_controllers": "[ ]"}
 
 
 class NodeHost:
-    """`start()` makes the mount namespace and starts libvirtd in it; `enter()` prefixes a command to run there."""
+    """`start()` makes the mount namespace (inside network namespace `netns`) and starts libvirtd in it;
+    `enter()` prefixes a command to run there. With `tcp_address`, libvirtd also listens for plain TCP
+    without authentication at that address (`qemu+tcp://ADDRESS/system`): for tests only."""
 
-    def __init__(self, logs: Path) -> None:
-        self.root = STATE / "libvirt"
+    def __init__(self, root: Path, logs: Path, netns: str, *, tcp_address: str | None = None) -> None:
+        self.root = root
         self.logs = logs
+        self.netns = netns
+        self.tcp_address = tcp_address
         self.holder = 0
 
     @property
@@ -46,8 +51,9 @@ class NodeHost:
         """Where the node's directory mounted at `mounted_at` lives on the machine."""
         return self.root / mounted_at.strip("/").replace("/", "-")
 
-    def enter(self) -> list[str]:
-        return ["nsenter", "-t", str(self.holder), "-m", "-n", "--"]
+    def enter(self, network: bool = True) -> list[str]:
+        """`network=False`: the mount namespace only, for a process that reaches the machine's loopback."""
+        return ["nsenter", "-t", str(self.holder), "-m", *(["-n"] if network else []), "--"]
 
     def start(self) -> None:
         self._make_directories()
@@ -55,7 +61,7 @@ class NodeHost:
         # Slave propagation: the machine's later mounts show up inside, the node's never leak out.
         self.holder = spawn(["unshare", "--mount", "--propagation", "slave", "--",
                              "sh", "-c", f"{mounts} && exec sleep infinity"], self.logs / "mount-namespace.log",
-                            netns=NETNS)
+                            netns=self.netns)
         deadline = time.monotonic() + 10
         while f" {LIBVIRT_DIRS[-1]} " not in Path(f"/proc/{self.holder}/mountinfo").read_text():
             if time.monotonic() > deadline or not pid_alive(self.holder):
@@ -69,7 +75,8 @@ class NodeHost:
         self._wait_socket(self.dir("/run/libvirt") / "libvirt-sock")
 
     def _start_daemon(self, daemon: str) -> None:
-        subprocess.run([*self.enter(), daemon, "-d", "-p", str(self._pid_file(daemon))], check=True,
+        listen = ["--listen"] if daemon == "libvirtd" and self.tcp_address else []
+        subprocess.run([*self.enter(), daemon, "-d", *listen, "-p", str(self._pid_file(daemon))], check=True,
                        capture_output=True)
 
     def stop_libvirtd(self) -> None:
@@ -105,7 +112,8 @@ class NodeHost:
         for conf in HOST_LIBVIRT_CONFIG.glob("*.conf"):   # not the host's domains, networks or pools
             shutil.copy2(conf, etc)
         _set(etc / "qemu.conf", NODE_QEMU_SETTINGS)
-        _set(etc / "libvirtd.conf", {"host_uuid": f'"{uuid.uuid4()}"'})
+        tcp = {"listen_tls": "0", "listen_tcp": "1", "auth_tcp": '"none"', "listen_addr": f'"{self.tcp_address}"'}
+        _set(etc / "libvirtd.conf", {"host_uuid": f'"{uuid.uuid4()}"', **(tcp if self.tcp_address else {})})
         (self.dir("/var/log/libvirt") / "qemu").mkdir(exist_ok=True)
         (self.dir("/var/lib/libvirt") / "images").mkdir(exist_ok=True)
         if HOST_LIBVIRT_CACHE.is_dir():   # QEMU's probed capabilities: a fresh daemon's first calls take seconds
@@ -120,7 +128,7 @@ class NodeHost:
                     return
                 except OSError:
                     time.sleep(0.1)
-        raise RuntimeError(f"the node's libvirtd: {path} not answering after {timeout} s")
+        raise RuntimeError(f"the libvirtd of {self.root}: {path} not answering after {timeout} s")
 
 
 def _set(path: Path, settings: dict[str, str]) -> None:

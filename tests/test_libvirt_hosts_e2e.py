@@ -1,0 +1,162 @@
+"""The test bed of several libvirt hosts (lvo_testing.libvirt_hosts): two hosts, an agent on each, one API server.
+
+Each VM runs on the libvirtd of its node only; each LibvirtNode publishes how other hosts reach it; a plain
+guest moves live between the hosts over the bed's network (what moves through the operator will rest on);
+and the bed leaves nothing behind, also when the process that made it is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e import Kubectl, get_vm, guest_spec, install_crds, vm_manifest, wait_until, wait_vm
+from lvo_testing import node_cleanup
+from lvo_testing.controlplane import REPO, ControlPlane
+from lvo_testing.libvirt_env import GuestImage
+from lvo_testing.libvirt_hosts import LibvirtHosts, BedHost
+
+pytestmark = pytest.mark.e2e
+
+NAMESPACE = "libvirt-hosts"
+
+
+@pytest.fixture(scope="module")
+def bed(guest_image: GuestImage) -> Iterator[LibvirtHosts]:
+    with LibvirtHosts(2) as hosts:
+        hosts.copy_in(guest_image.kernel, guest_image.initrd)
+        yield hosts
+
+
+@pytest.fixture(scope="module")
+def agents(bed: LibvirtHosts, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    install_crds(control_plane.kubectl, NAMESPACE)
+    workdir = tmp_path_factory.mktemp("libvirt-hosts")
+    with contextlib.ExitStack() as stack:
+        for host in bed.hosts:
+            stack.enter_context(bed.agent(host, workdir, control_plane.admin_kubeconfig))
+        yield
+        control_plane.kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=120s", timeout=150, check=False)
+
+
+def _domains(host: BedHost) -> set[str]:
+    return set(host.virsh("list", "--all", "--name").split())
+
+
+def _volumes(host: BedHost) -> list[str]:
+    """The files in the host's storage pool (read directly: a pool refresh could meet the agent's own)."""
+    return sorted(path.name for path in host.libvirt.dir("/var/lib/libvirt").joinpath("images").iterdir())
+
+
+def test_a_vm_pinned_to_a_node_runs_on_that_host_only_and_leaves_nothing(
+        bed: LibvirtHosts, agents: None, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl: Kubectl = control_plane.kubectl
+    pinned = {f"on-{host.name}": host for host in bed.hosts}
+    for name, host in pinned.items():
+        spec = guest_spec(guest_image, host.name, marker=name, disks=[{"name": "data", "emptyDisk": {"size": "64Mi"}}])
+        kubectl("apply", "-f", "-", input=vm_manifest(name, NAMESPACE, **spec))
+    for name, host in pinned.items():
+        wait_vm(kubectl, name, NAMESPACE, "condition=Ready", timeout=240)
+        assert get_vm(kubectl, name, NAMESPACE)["status"]["nodeName"] == host.name
+    for name, host in pinned.items():
+        domain = f"{NAMESPACE}_{name}"
+        assert host.virsh("domstate", domain).strip() == "running"
+        assert len(_volumes(host)) == 1, _volumes(host)
+        for other in bed.hosts:
+            if other is not host:
+                assert domain not in _domains(other)
+    kubectl("delete", "vm", *pinned, "-n", NAMESPACE, "--timeout=180s", timeout=210)
+    for host in bed.hosts:
+        assert not {d for d in _domains(host) if d.startswith(f"{NAMESPACE}_")}
+        assert _volumes(host) == []
+
+
+def test_each_libvirtnode_publishes_how_other_hosts_reach_it(
+        bed: LibvirtHosts, agents: None, control_plane: ControlPlane) -> None:
+    def published() -> dict[str, object]:
+        listed = json.loads(control_plane.kubectl("get", "libvirtnodes", "-o", "json").stdout)["items"]
+        return {node["metadata"]["name"]: node.get("status", {}).get("migration") for node in listed}
+    expected = {host.name: {"uri": host.tcp_uri, "address": host.address} for host in bed.hosts}
+    wait_until(lambda: expected.items() <= published().items(), timeout=120, every=1,
+               what=f"LibvirtNodes publish {expected}")
+
+
+def test_a_plain_guest_moves_live_between_the_hosts(bed: LibvirtHosts, guest_image: GuestImage) -> None:
+    source, destination = bed.hosts
+    domain = "lvo-bed-plain-guest"
+    xml = f"""<domain type='qemu'><name>{domain}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
+      <os><type arch='x86_64'>hvm</type><kernel>{guest_image.kernel}</kernel><initrd>{guest_image.initrd}</initrd>
+        <cmdline>{guest_image.cmdline(marker=domain)}</cmdline></os>
+      <devices><serial type='pty'/><console type='pty'/></devices></domain>"""
+    subprocess.run(["virsh", "-c", source.uri, "create", "/dev/stdin"], input=xml, text=True, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        moved = subprocess.run(["virsh", "-c", source.uri, "migrate", "--live", "--p2p", domain, destination.tcp_uri,
+                                "--migrateuri", f"tcp://{destination.address}", "--listen-address", destination.address],
+                               capture_output=True, text=True, timeout=600)
+        assert moved.returncode == 0, moved.stderr
+        assert destination.virsh("domstate", domain).strip() == "running"
+        assert domain not in _domains(source)
+    finally:
+        for host in bed.hosts:
+            host.virsh("destroy", domain, check=False)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan of the killed bed waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+KILLED_BED = """
+import json, subprocess, sys, time
+from pathlib import Path
+from lvo_testing.libvirt_hosts import LibvirtHosts
+bed = LibvirtHosts(2, prefix="lvo-hkill")
+bed.start()
+host = bed.hosts[0]
+bed.copy_in(Path(sys.argv[2]), Path(sys.argv[3]))
+subprocess.run(["virsh", "-c", host.uri, "create", "/dev/stdin"], input=sys.argv[4], text=True, check=True,
+               capture_output=True)
+agent = bed.agent(host, host.libvirt.logs, Path(sys.argv[1]))
+agent.start()
+print(json.dumps({"agent": agent.process.pid, "qemu": host.libvirt.qemu_pid("killed-bed-guest")}), flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_killed_bed_is_cleaned_without_a_trace(control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    names = r"lvo-hkill(\d+|sw)"
+    guest = (f"<domain type='qemu'><name>killed-bed-guest</name><memory unit='MiB'>64</memory>"
+             f"<os><type arch='x86_64'>hvm</type><kernel>{guest_image.kernel}</kernel>"
+             f"<initrd>{guest_image.initrd}</initrd><cmdline>{guest_image.cmdline()}</cmdline></os></domain>")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "testing")])}
+    maker = subprocess.Popen([sys.executable, "-c", KILLED_BED, str(control_plane.admin_kubeconfig),
+                              str(guest_image.kernel), str(guest_image.initrd), guest],
+                             stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        line = maker.stdout.readline() if maker.stdout else ""
+        assert line, f"the bed did not come up (exit {maker.poll()})"
+        started = json.loads(line)
+        assert node_cleanup.host_pids(names) >= set(started.values())
+    finally:
+        os.killpg(maker.pid, signal.SIGKILL)
+        maker.wait(30)
+    node_cleanup.clean_hosts(names)
+    assert not any(_running(pid) for pid in started.values()), started
+    assert node_cleanup.host_pids(names) == set()
+    assert node_cleanup.host_namespaces(names) == []
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    assert "lvo-hkill" not in links
+    assert str(node_cleanup.HOSTS_STATE / "lvo-hkill") not in Path("/proc/self/mountinfo").read_text()
+    assert not list(node_cleanup.HOSTS_STATE.glob("lvo-hkill*"))
