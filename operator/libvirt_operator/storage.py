@@ -266,6 +266,8 @@ class Provisioner:
             return resolved(disk, kind="volume", pool=source.pool, volume=source.name,
                             format=Volume.from_xml(volume.XMLDesc(0)).format)
         info = images.checked_image(volume.path(), None, f"{field_path}.volume.name")
+        if disk.read_only:
+            self.require_qemu_reads(volume.path(), f"{field_path}.volume.name")
         return resolved(disk, kind="volume", pool=source.pool, volume=source.name, format=info.format)
 
     def check_interfaces(self, spec: VMSpec) -> None:
