@@ -97,11 +97,13 @@ def test_qemu_runs_as_libvirt_qemu_and_opens_only_what_its_domain_names(
         conn: libvirt.virConnect, settings: AgentSettings, guest_image: GuestImage, make_vm: Callable[[], VMRef],
         made: Callable[[str], Path]) -> None:
     secret, public, shared, shared_volume = made(".img"), made(".img"), made(".img"), made(".img")
+    volume = conn.storagePoolLookupByName("default").createXML(  # a volume libvirt knows without a pool refresh
+        f"<volume><name>{shared_volume.name}</name><capacity>{1 << 20}</capacity>"
+        "<target><format type='raw'/></target></volume>", 0)
     for path, mode in ((secret, 0o600), (public, 0o644), (shared, 0o644), (shared_volume, 0o644)):
         path.write_bytes(b"LVO-NOT-FOR-THE-GUEST".ljust(1 << 20))
         os.chown(path, 0, 0)
         path.chmod(mode)
-    conn.storagePoolLookupByName("default").refresh(0)
     vm = make_vm()
     boot(conn, vm, settings, guest_image, {}, [
         {"name": "root", "image": {"path": str(guest_image.disk), "clone": True}},
@@ -119,6 +121,7 @@ def test_qemu_runs_as_libvirt_qemu_and_opens_only_what_its_domain_names(
     assert refused is not None and "Permission denied" in refused, f"QEMU opened a root-only file it was not given: {refused}"
     assert qemu_opens(dom, public) is None, "the probe itself works: QEMU opens a file anyone may read"
     assert owner_and_mode(secret) == (0, 0, 0o600)
+    volume.delete(0)
 
 
 @contextlib.contextmanager
