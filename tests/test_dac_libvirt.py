@@ -96,16 +96,23 @@ def qemu_opens(dom: libvirt.virDomain, path: Path) -> str | None:
 def test_qemu_runs_as_libvirt_qemu_and_opens_only_what_its_domain_names(
         conn: libvirt.virConnect, settings: AgentSettings, guest_image: GuestImage, make_vm: Callable[[], VMRef],
         made: Callable[[str], Path]) -> None:
-    secret, public, shared = made(".img"), made(".img"), made(".img")
-    for path, mode in ((secret, 0o600), (public, 0o644), (shared, 0o644)):
+    secret, public, shared, shared_volume = made(".img"), made(".img"), made(".img"), made(".img")
+    volume = conn.storagePoolLookupByName("default").createXML(  # a volume libvirt knows without a pool refresh
+        f"<volume><name>{shared_volume.name}</name><capacity>{1 << 20}</capacity>"
+        "<target><format type='raw'/></target></volume>", 0)
+    for path, mode in ((secret, 0o600), (public, 0o644), (shared, 0o644), (shared_volume, 0o644)):
         path.write_bytes(b"LVO-NOT-FOR-THE-GUEST".ljust(1 << 20))
         os.chown(path, 0, 0)
         path.chmod(mode)
     vm = make_vm()
-    boot(conn, vm, settings, guest_image, {}, [{"name": "root", "image": {"path": str(guest_image.disk), "clone": True}},
-                                               {"name": "ro", "readOnly": True, "image": {"path": str(shared)}}])
+    boot(conn, vm, settings, guest_image, {}, [
+        {"name": "root", "image": {"path": str(guest_image.disk), "clone": True}},
+        {"name": "ro", "readOnly": True, "image": {"path": str(shared)}},
+        {"name": "vol", "readOnly": True, "volume": {"pool": "default", "name": shared_volume.name}},
+    ])
     wait_reads_base(vm, settings, guest_image)
     assert owner_and_mode(shared) == (0, 0, 0o644), "a read-only image VMs may share is not handed to QEMU's user"
+    assert owner_and_mode(shared_volume) == (0, 0, 0o644), "a read-only volume VMs may share is not handed to QEMU's user"
 
     uids, gids = qemu_ids(vm)
     assert uids == {QEMU_USER.pw_uid} and gids == {QEMU_USER.pw_gid}, f"QEMU runs as uids {uids}, gids {gids}"
@@ -114,6 +121,7 @@ def test_qemu_runs_as_libvirt_qemu_and_opens_only_what_its_domain_names(
     assert refused is not None and "Permission denied" in refused, f"QEMU opened a root-only file it was not given: {refused}"
     assert qemu_opens(dom, public) is None, "the probe itself works: QEMU opens a file anyone may read"
     assert owner_and_mode(secret) == (0, 0, 0o600)
+    volume.delete(0)
 
 
 @contextlib.contextmanager

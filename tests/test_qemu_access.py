@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,3 +69,28 @@ def test_directories_made_for_qemu_can_be_passed_whatever_the_umask(tmp_path: Pa
     finally:
         os.umask(umask)
     assert [(tmp_path / d).stat().st_mode & 0o777 for d in ("state", "state/nvram")] == [0o711, 0o711]
+
+
+SEAL = ("import sys; from libvirt_operator.qemu_access import QemuIdentity, seal_shared_base; "
+        "seal_shared_base(sys.argv[1], QemuIdentity(54321, 54321), 'spec.disks[0].http.url')")
+
+
+def seal_in_agent(base: Path, *without_capabilities: str) -> subprocess.CompletedProcess[str]:
+    """`seal_shared_base` in a root process without `without_capabilities`, as the DaemonSet's agent runs."""
+    drop = ["setpriv", f"--bounding-set=-{',-'.join(without_capabilities)}"] if without_capabilities else []
+    return subprocess.run([*drop, sys.executable, "-c", SEAL, str(base)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_an_http_base_a_relabel_left_to_qemu_is_taken_back_or_refused(reachable_dir: Path) -> None:
+    base = reachable_dir / "http-base"
+    base.write_bytes(b"base")
+    os.chown(base, NOBODY_KNOWN.uid, NOBODY_KNOWN.gid)
+    base.chmod(0o644)
+    refused = seal_in_agent(base, "chown", "fowner")
+    assert refused.returncode != 0 and "spec.disks[0].http.url" in refused.stderr and "vol-delete" in refused.stderr
+    assert os.stat(base).st_uid == NOBODY_KNOWN.uid, "the base stays QEMU's: the agent could not take it back"
+    taken_back = seal_in_agent(base)
+    assert taken_back.returncode == 0, taken_back.stderr
+    stat = os.stat(base)
+    assert (stat.st_uid, stat.st_mode & 0o7777) == (os.geteuid(), 0o644)

@@ -13,7 +13,7 @@ import datetime
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +26,7 @@ from libvirt_operator.election import Election
 from libvirt_operator.heartbeat import COUNTS_SECONDS, NodeHeartbeat
 from libvirt_operator.host import Host, HostUnavailable
 from libvirt_operator.kube import KubeClient
+from libvirt_operator.libvirt_health import LibvirtHealth
 from libvirt_operator.metrics import Readings
 from libvirt_operator.model import AgentSettings, DomainSnapshot, Tuning
 from libvirt_operator.nodes import Role
@@ -295,5 +296,4 @@ class Agent:
 
 
 def _marked_by(snapshot: DomainSnapshot, cluster: str) -> bool:
-    owner = snapshot.live_owner or snapshot.config_owner
-    return owner is not None and owner.cluster == cluster
+    return snapshot.owner is not None and snapshot.owner.cluster == cluster

@@ -278,7 +278,7 @@ NO_LABEL = {"model": None, "relabel": None}
 
 def _disk(disk: ResolvedDisk, target: str) -> Disk:
     backing_path, backing_format = disk.backing or (None, None)
-    shared = disk.kind == "file" and disk.read_only and not disk.owned
+    shared = disk.read_only and not disk.owned
     label = NOT_RELABELLED if shared else NO_LABEL
     backing_label = NOT_RELABELLED if disk.backing else NO_LABEL
     return Disk(

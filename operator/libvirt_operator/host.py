@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 
 import libvirt
 
-from libvirt_operator import METADATA_NAMESPACE, metadata
+from libvirt_operator import METADATA_NAMESPACE
 from libvirt_operator.counted_calls import Counted, unwrap, wrap
 from libvirt_operator.domain_listing import ListedDomain
 from libvirt_operator.domain_reading import (

@@ -84,15 +84,24 @@ def require_readable(identity: QemuIdentity | None, path: str, field: str) -> No
                     "readable to that user (e.g. chmod a+r, and a+x on its directories)")
 
 
-def seal_shared_base(path: str) -> None:
-    """An http base the agent made: owned by the agent, mode 0644 (also one an older agent let libvirt chown)."""
+def can_write(identity: QemuIdentity, path: str) -> bool:
+    """Whether a process of `identity` may write the file `path`, by its mode bits (ACLs aside)."""
+    return identity.uid == 0 or _permits(os.stat(path), identity, set(identity.groups()), 0o2)
+
+
+def seal_shared_base(path: str, identity: QemuIdentity | None, field: str) -> None:
+    """An http base the agent made: owned by the agent, mode 0644 (also one an older agent let libvirt chown);
+    SpecError naming `field` if QEMU's user could still write it (an agent without CAP_CHOWN cannot take it back)."""
     stat = os.stat(path)
-    if (stat.st_uid, stat.st_gid) != (os.geteuid(), os.getegid()):
-        with contextlib.suppress(PermissionError):  # no CAP_CHOWN (the DaemonSet): QEMU's user can still read it
+    with contextlib.suppress(PermissionError):  # the DaemonSet holds no CAP_CHOWN/CAP_FOWNER
+        if (stat.st_uid, stat.st_gid) != (os.geteuid(), os.getegid()):
             os.chown(path, os.geteuid(), os.getegid())
-    if stat.st_mode & 0o7777 != SHARED_BASE_MODE:
-        with contextlib.suppress(PermissionError):
+        if stat.st_mode & 0o7777 != SHARED_BASE_MODE:
             os.chmod(path, SHARED_BASE_MODE)
+    if identity is not None and identity.uid != 0 and can_write(identity, path):
+        raise SpecError(field, f"the downloaded base {path} is writable by QEMU's user (uid {identity.uid}; libvirt "
+                        "relabelled it for an older agent), so one guest could change what others boot from; delete "
+                        "it (virsh vol-delete) and the agent downloads it again")
 
 
 def make_reachable_dir(path: Path) -> None:

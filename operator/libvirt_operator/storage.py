@@ -230,7 +230,7 @@ class Provisioner:
         if not _holds_file(cached):
             return self.overlay(disk, field_path, images.ImageInfo(cached.path(), "raw", MIN_SIMULATED_SIZE,
                                                                    None, None, None))
-        qemu_access.seal_shared_base(cached.path())
+        qemu_access.seal_shared_base(cached.path(), self.qemu, f"{field_path}.http.url")
         self.require_qemu_reads(cached.path(), f"{field_path}.http.url")
         return self.overlay(disk, field_path, images.checked_image(cached.path(), None, f"{field_path}.http.url"))
 
@@ -266,6 +266,8 @@ class Provisioner:
             return resolved(disk, kind="volume", pool=source.pool, volume=source.name,
                             format=Volume.from_xml(volume.XMLDesc(0)).format)
         info = images.checked_image(volume.path(), None, f"{field_path}.volume.name")
+        if disk.read_only:
+            self.require_qemu_reads(volume.path(), f"{field_path}.volume.name")
         return resolved(disk, kind="volume", pool=source.pool, volume=source.name, format=info.format)
 
     def check_interfaces(self, spec: VMSpec) -> None:
