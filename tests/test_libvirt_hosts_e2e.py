@@ -20,7 +20,7 @@ import pytest
 
 from e2e import Kubectl, get_vm, guest_spec, install_crds, vm_manifest, wait_until, wait_vm
 from lvo_testing import node_cleanup
-from lvo_testing.controlplane import REPO, ControlPlane
+from lvo_testing.controlplane import REPO, ControlPlane, pid_alive
 from lvo_testing.libvirt_env import GuestImage
 from lvo_testing.libvirt_hosts import LibvirtHosts, BedHost
 
@@ -110,14 +110,6 @@ def test_a_plain_guest_moves_live_between_the_hosts(bed: LibvirtHosts, guest_ima
             host.virsh("destroy", domain, check=False)
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan of the killed bed waits for init to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 KILLED_BED = """
 import json, subprocess, sys, time
 from pathlib import Path
@@ -153,7 +145,7 @@ def test_a_killed_bed_is_cleaned_without_a_trace(control_plane: ControlPlane, gu
         os.killpg(maker.pid, signal.SIGKILL)
         maker.wait(30)
     node_cleanup.clean_hosts(names)
-    assert not any(_running(pid) for pid in started.values()), started
+    assert not any(pid_alive(pid) for pid in started.values()), started
     assert node_cleanup.host_pids(names) == set()
     assert node_cleanup.host_namespaces(names) == []
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout

@@ -330,8 +330,9 @@ class KubectlError(subprocess.CalledProcessError):
 
 
 def pid_alive(pid: int) -> bool:
+    """Running: a zombie (a killed run's orphan that init has not reaped yet) counts as gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return True
+    return state not in ("Z", "X")

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvo_testing.controlplane import pid_alive
+
 SYSTEM_URI = "qemu:///system"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
@@ -99,15 +101,7 @@ def _configure(guest_cpu_cgroup: bool) -> bool:
 def _pids(name: str) -> list[int]:
     """Live processes called `name`; a killed daemon's zombie, not yet reaped by PID 1, does not count."""
     out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split() if _alive(int(p))]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    return [int(p) for p in out.split() if pid_alive(int(p))]
 
 
 def _socket_answers(path: Path) -> bool:
