@@ -252,6 +252,19 @@ class DomainDefinition(XMLObject):
     def mac_addresses(self) -> tuple[str, ...]:
         return tuple(interface.mac_address for interface in self.interfaces)
 
+    @property
+    def sizing(self) -> dict[str, int]:
+        """Memory (KiB) and vCPUs, named as libvirt's balloon and vcpu statistics name them."""
+        sizing: dict[str, int] = {}
+        if self.memory is not None:
+            sizing["balloon.maximum"] = self.memory_kib
+        if self.current_memory is not None:
+            sizing["balloon.current"] = _kib(self.current_memory, self.current_memory_unit)
+        if self.vcpus is not None:
+            sizing["vcpu.maximum"] = self.vcpus
+            sizing["vcpu.current"] = self.vcpus_online or self.vcpus
+        return sizing
+
 
 _UNITS_IN_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "KiB": 1, "M": 1024, "MiB": 1024, "G": 1024**2, "GiB": 1024**2}
 
