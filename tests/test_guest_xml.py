@@ -418,3 +418,19 @@ def test_sizing_reads_memory_in_kib_and_the_online_vcpus_as_libvirt_statistics_n
     assert sizing["balloon.maximum"] == definition.memory_kib > 0
     assert sizing["balloon.current"] == 1024**2
     assert (sizing["vcpu.maximum"], sizing["vcpu.current"]) == (definition.vcpus, 1)
+
+
+def test_another_drivers_seclabel_on_a_disk_stays_beside_the_operators_dac_label() -> None:
+    rendered = render_manifest(SAMPLES["every-field"])
+    live = etree.fromstring(rendered.encode())
+    for source in live.iterfind("devices/disk/source"):
+        source.insert(0, etree.fromstring("<seclabel model='selinux' relabel='no'/>"))
+
+    merged = assert_valid(merge(etree.tostring(live, encoding="unicode"), rendered))
+
+    sources = merged.findall("devices/disk/source")
+    assert [s.find("seclabel[@model='selinux']") is not None for s in sources] == [True] * len(sources)
+    wanted = [s.find("seclabel[@model='dac']") is not None for s in etree.fromstring(rendered.encode()).iterfind(
+        "devices/disk/source")]
+    assert [s.find("seclabel[@model='dac'][@relabel='no']") is not None for s in sources] == wanted
+    assert any(wanted), "the sample shares a file read-only"
