@@ -196,7 +196,7 @@ def test_a_definition_reads_back_disks_macs_and_owner() -> None:
     assert (by_name["shared"].pool, by_name["shared"].volume, by_name["shared"].read_only) == ("default", "shared-data", True)
     assert by_name["seed"].device == "cdrom"
     assert [i.name for i in facts.interfaces] == ["default", "lan", "slirp"]
-    assert facts.mac_addresses[0] == "52:54:00:12:34:56"
+    assert facts.interfaces[0].mac_address == "52:54:00:12:34:56"
 
 
 def _live_definition(rendered: str) -> str:

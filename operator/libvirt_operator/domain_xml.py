@@ -247,10 +247,6 @@ class DomainDefinition(XMLObject):
                      for index, nic in enumerate(self.network_interfaces))
 
     @property
-    def mac_addresses(self) -> tuple[str, ...]:
-        return tuple(interface.mac_address for interface in self.interfaces)
-
-    @property
     def sizing(self) -> dict[str, int]:
         """Memory (KiB) and vCPUs, named as libvirt's balloon and vcpu statistics name them."""
         sizing: dict[str, int] = {}
