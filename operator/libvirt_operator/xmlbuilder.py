@@ -10,7 +10,6 @@ declared left where it is).
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Hashable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -28,15 +27,10 @@ def _find(root: etree._Element, path: tuple[str, ...]) -> etree._Element | None:
     return element
 
 
-_PREDICATE = re.compile(r"\[@([\w-]+)='([^']*)'\]")
-
-
-def new_child(parent: etree._Element, step: str, order: tuple[str, ...] = ()) -> etree._Element:
-    """A new `<tag>` in `parent` for a path step `tag` or `tag[@a='v']...` (its attributes set as the predicates
-    say): before the first sibling that `order` puts after it, else last (libxml2, and so libvirt's validation,
-    refuses some orders the schema's interleave should allow)."""
-    tag = step.partition("[")[0]
-    child = etree.Element(tag, dict(_PREDICATE.findall(step)))
+def new_child(parent: etree._Element, tag: str, order: tuple[str, ...] = ()) -> etree._Element:
+    """A new `<tag>` in `parent`: before the first sibling that `order` puts after it, else last (libxml2,
+    and so libvirt's validation, refuses some orders the schema's interleave should allow)."""
+    child = etree.Element(tag)
     if tag in order:
         rank = order.index(tag)
         for index, sibling in enumerate(parent):
@@ -102,7 +96,7 @@ class XMLProperty(Field):
     """
 
     def __init__(self, path: str, kind: type = str, *, owned: bool = False) -> None:
-        tags, _, self.attribute = path.rpartition("@") if path.rpartition("/")[2].startswith("@") else (path, "", "")
+        tags, _, self.attribute = path.partition("@")
         self.path = tuple(tag for tag in tags.split("/") if tag)
         self.kind = kind
         self.owned = owned
