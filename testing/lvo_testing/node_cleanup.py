@@ -65,9 +65,10 @@ def node_pids() -> set[int]:
     listed = subprocess.run(["ip", "netns", "pids", NETNS], capture_output=True, text=True)
     pids.update(int(pid) for pid in listed.stdout.split())
     for cgroup in _node_cgroups():
-        procs = cgroup / "cgroup.procs"
-        if procs.exists():
-            pids.update(int(pid) for pid in procs.read_text().split())
+        try:
+            pids.update(int(pid) for pid in (cgroup / "cgroup.procs").read_text().split())
+        except OSError:  # gone, or going (ENODEV) while its last process exits
+            continue
     pids.discard(os.getpid())
     return pids
 
