@@ -18,7 +18,7 @@ from lxml import etree
 from libvirt_operator.disk_plan import plan_disks
 from libvirt_operator.domain_xml import DomainDefinition, merge, render, stable_mac
 from libvirt_operator.storage import seed_iso
-from libvirt_operator.metadata import OWNER_TAG, interfaces_from_domain, owner_from_domain
+from libvirt_operator.metadata import OWNER_TAG, owner_from_domain
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.paths import confine, confine_spec
 from libvirt_operator.spec import SpecError, parse_spec, spec_hash
@@ -196,7 +196,7 @@ def test_a_definition_reads_back_disks_macs_and_owner() -> None:
     assert (by_name["shared"].pool, by_name["shared"].volume, by_name["shared"].read_only) == ("default", "shared-data", True)
     assert by_name["seed"].device == "cdrom"
     assert [i.name for i in facts.interfaces] == ["default", "lan", "slirp"]
-    assert facts.mac_addresses[0] == "52:54:00:12:34:56"
+    assert facts.interfaces[0].mac_address == "52:54:00:12:34:56"
 
 
 def _live_definition(rendered: str) -> str:
@@ -271,7 +271,7 @@ def test_a_definition_with_the_older_ua_name_aliases_reads_back_and_merges_by_na
     legacy = re.sub(r'<alias name="ua-(?:disk|nic)-', '<alias name="ua-', _live_definition(rendered))
     facts = DomainDefinition.from_xml(legacy)
     assert [d.name for d in facts.disks] == [d.name for d in DomainDefinition.from_xml(rendered).disks]
-    assert [i.name for i in interfaces_from_domain(etree.fromstring(legacy.encode()))] == ["default", "lan", "slirp"]
+    assert [i.name for i in DomainDefinition.from_xml(legacy).interfaces] == ["default", "lan", "slirp"]
     merged = assert_valid(merge(legacy, rendered))
     assert _one(merged, "devices/disk[alias/@name='ua-disk-root']/address").get("slot") == "0x04", \
         "the same disk, renamed to the new alias, keeps its PCI address"
@@ -408,3 +408,29 @@ def test_merge_writes_the_agents_vcpu_scheduler_into_the_live_cputune_and_keeps_
     assert unscheduled.find("cputune/vcpusched") is None, "the agent's scheduler setting is modelled: it follows"
     assert scheduled.findtext("cputune/shares") == unscheduled.findtext("cputune/shares") == "512", \
         "a cputune setting the operator does not model is someone else's: kept"
+
+
+def test_sizing_reads_memory_in_kib_and_the_online_vcpus_as_libvirt_statistics_name_them() -> None:
+    definition = DomainDefinition.from_xml(render_manifest(SAMPLES["every-field"]))
+    definition.vcpus_online = 1
+    definition.current_memory, definition.current_memory_unit = 1, "GiB"
+    sizing = definition.sizing
+    assert sizing["balloon.maximum"] == definition.memory_kib > 0
+    assert sizing["balloon.current"] == 1024**2
+    assert (sizing["vcpu.maximum"], sizing["vcpu.current"]) == (definition.vcpus, 1)
+
+
+def test_another_drivers_seclabel_on_a_disk_stays_beside_the_operators_dac_label() -> None:
+    rendered = render_manifest(SAMPLES["every-field"])
+    live = etree.fromstring(rendered.encode())
+    for source in live.iterfind("devices/disk/source"):
+        source.insert(0, etree.fromstring("<seclabel model='selinux' relabel='no'/>"))
+
+    merged = assert_valid(merge(etree.tostring(live, encoding="unicode"), rendered))
+
+    sources = merged.findall("devices/disk/source")
+    assert [s.find("seclabel[@model='selinux']") is not None for s in sources] == [True] * len(sources)
+    wanted = [s.find("seclabel[@model='dac']") is not None for s in etree.fromstring(rendered.encode()).iterfind(
+        "devices/disk/source")]
+    assert [s.find("seclabel[@model='dac'][@relabel='no']") is not None for s in sources] == wanted
+    assert any(wanted), "the sample shares a file read-only"

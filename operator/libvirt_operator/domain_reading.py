@@ -13,6 +13,7 @@ from lxml import etree
 
 from libvirt_operator import metadata
 from libvirt_operator.domain_listing import ListedDomain, list_all_domains, read_owner
+from libvirt_operator.domain_xml import DomainDefinition
 from libvirt_operator.libvirt_errors import UNSUPPORTED, has_code
 from libvirt_operator.model import DOMAIN_STATES, DomainFacts, InterfaceFacts, OwnerMetadata
 
@@ -28,7 +29,7 @@ SNAPSHOT_STATS = (
 
 Only groups libvirtd answers without asking QEMU: with the balloon, vCPU or block groups the bulk
 call waits on every guest's monitor in turn (50 booting TCG guests: 28.6 s instead of 2.0 s).
-Memory and vCPUs come from the domain XML instead (`metadata.sizing_from_domain`)."""
+Memory and vCPUs come from the domain XML instead (`domain_xml.DomainDefinition.sizing`)."""
 
 REASONS: dict[str, tuple[str, ...]] = {
     "running": (
@@ -49,7 +50,7 @@ REASONS: dict[str, tuple[str, ...]] = {
 
 INACTIVE_STATES = frozenset({"nostate", "shutoff"})
 SIZING_KEYS = ("balloon.maximum", "balloon.current", "vcpu.maximum", "vcpu.current")
-"""The statistics `metadata.sizing_from_domain` takes from the XML (no snapshot group asks libvirt for them)."""
+"""The statistics `DomainDefinition.sizing` takes from the XML (no snapshot group asks libvirt for them)."""
 
 
 def reason_name(state: str, reason: int) -> str:
@@ -81,13 +82,14 @@ def read_xml(dom: Any, active: bool) -> XmlFacts:
     live = metadata.parse(dom.XMLDesc(0))
     persistent = bool(dom.isPersistent())
     config = metadata.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) if active and persistent else live
+    definition = DomainDefinition(live)
     return XmlFacts(
         persistent=persistent,
         config_owner=metadata.owner_from_domain(config) if persistent else None,
         live_owner=metadata.owner_from_domain(live) if active else None,
-        interfaces=metadata.interfaces_from_domain(live),
+        interfaces=definition.interfaces,
         config_digest=hashlib.sha256(etree.tostring(config, method="c14n")).hexdigest() if persistent else None,
-        sizing=metadata.sizing_from_domain(live),
+        sizing=definition.sizing,
     )
 
 

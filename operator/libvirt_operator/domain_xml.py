@@ -56,12 +56,10 @@ class Disk(XMLObject):
     backing_path = XMLProperty("backingStore/source/@file")
     backing_ends = XMLProperty("backingStore/backingStore", bool)
     """An empty `<backingStore/>` under the base: the chain ends there, libvirt probes nothing."""
-    label_model = XMLProperty("source/seclabel/@model")
-    label_relabel = XMLProperty("source/seclabel/@relabel")
-    backing_label_model = XMLProperty("backingStore/source/seclabel/@model")
-    backing_label_relabel = XMLProperty("backingStore/source/seclabel/@relabel")
-    """`<seclabel model='dac' relabel='no'/>` on files VMs share read-only: libvirt's DAC driver would chown them
-    to QEMU's user for good (see qemu_access)."""
+    not_relabelled = XMLProperty("source/seclabel[@model='dac'][@relabel='no']", bool)
+    backing_not_relabelled = XMLProperty("backingStore/source/seclabel[@model='dac'][@relabel='no']", bool)
+    """On files VMs share read-only: libvirt's DAC driver would chown them to QEMU's user for good (see
+    qemu_access). Found by its model, so another driver's `<seclabel>` on the disk stays as it is."""
     target = XMLProperty("target/@dev")
     bus = XMLProperty("target/@bus")
     boot_order = XMLProperty("boot/@order", int)
@@ -249,8 +247,17 @@ class DomainDefinition(XMLObject):
                      for index, nic in enumerate(self.network_interfaces))
 
     @property
-    def mac_addresses(self) -> tuple[str, ...]:
-        return tuple(interface.mac_address for interface in self.interfaces)
+    def sizing(self) -> dict[str, int]:
+        """Memory (KiB) and vCPUs, named as libvirt's balloon and vcpu statistics name them."""
+        sizing: dict[str, int] = {}
+        if self.memory is not None:
+            sizing["balloon.maximum"] = self.memory_kib
+        if self.current_memory is not None:
+            sizing["balloon.current"] = _kib(self.current_memory, self.current_memory_unit)
+        if self.vcpus is not None:
+            sizing["vcpu.maximum"] = self.vcpus
+            sizing["vcpu.current"] = self.vcpus_online or self.vcpus
+        return sizing
 
 
 _UNITS_IN_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "KiB": 1, "M": 1024, "MiB": 1024, "G": 1024**2, "GiB": 1024**2}
@@ -272,23 +279,15 @@ def _target_name(prefix: str, index: int) -> str:
     return prefix + letters
 
 
-NOT_RELABELLED = {"model": "dac", "relabel": "no"}
-NO_LABEL = {"model": None, "relabel": None}
-
-
 def _disk(disk: ResolvedDisk, target: str) -> Disk:
     backing_path, backing_format = disk.backing or (None, None)
-    shared = disk.read_only and not disk.owned
-    label = NOT_RELABELLED if shared else NO_LABEL
-    backing_label = NOT_RELABELLED if disk.backing else NO_LABEL
     return Disk(
         kind=disk.kind, device=disk.device, driver="qemu", format=disk.format,
         path=disk.path if disk.kind == "file" else None, pool=disk.pool, volume=disk.volume,
         backing_kind="file" if disk.backing else None, backing_format=backing_format, backing_path=backing_path,
         backing_ends=disk.backing is not None, target=target, bus=disk.bus, boot_order=disk.boot_order,
         read_only=disk.read_only, alias=f"{DISK_ALIAS_PREFIX}{disk.name}",
-        label_model=label["model"], label_relabel=label["relabel"],
-        backing_label_model=backing_label["model"], backing_label_relabel=backing_label["relabel"],
+        not_relabelled=disk.read_only and not disk.owned, backing_not_relabelled=disk.backing is not None,
     )
 
 

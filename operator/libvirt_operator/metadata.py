@@ -1,4 +1,4 @@
-"""The operator's mark in a domain's XML, and the few XML facts the cache keeps.
+"""The operator's mark in a domain's XML, and the user aliases that carry the spec's device names.
 
 A domain is this operator's only if its `<metadata>` holds an element in the operator's
 namespace naming the VirtualMachine and the cluster (the uid of its kube-system namespace):
@@ -21,7 +21,7 @@ from __future__ import annotations
 from lxml import etree
 
 from libvirt_operator import METADATA_NAMESPACE, METADATA_PREFIX
-from libvirt_operator.model import InterfaceFacts, OwnerMetadata
+from libvirt_operator.model import OwnerMetadata
 
 OWNER_TAG = f"{{{METADATA_NAMESPACE}}}vm"
 INTERFACE_ALIAS_PREFIX = "ua-nic-"
@@ -94,27 +94,3 @@ def owner_from_domain(root: etree._Element) -> OwnerMetadata | None:
         if owner is not None:
             return owner
     return None
-
-
-def interfaces_from_domain(root: etree._Element) -> tuple[InterfaceFacts, ...]:
-    """Each interface's spec name (from its user alias, else `netN`) and MAC address."""
-    facts = []
-    for index, interface in enumerate(root.iterfind("devices/interface")):
-        name = spec_name(interface, INTERFACE_ALIAS_PREFIX) or f"net{index}"
-        mac = interface.find("mac")
-        facts.append(InterfaceFacts(name=name, mac_address=mac.get("address", "") if mac is not None else ""))
-    return tuple(facts)
-
-
-def sizing_from_domain(root: etree._Element) -> dict[str, int]:
-    """Memory (KiB: libvirt's XML always says so) and vCPUs, named as libvirt's balloon and vcpu statistics."""
-    sizing: dict[str, int] = {}
-    for key, path in (("balloon.maximum", "memory"), ("balloon.current", "currentMemory")):
-        element = root.find(path)
-        if element is not None and element.text:
-            sizing[key] = int(element.text)
-    vcpu = root.find("vcpu")
-    if vcpu is not None and vcpu.text:
-        sizing["vcpu.maximum"] = int(vcpu.text)
-        sizing["vcpu.current"] = int(vcpu.get("current", vcpu.text))
-    return sizing

@@ -10,6 +10,7 @@ declared left where it is).
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Hashable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -27,10 +28,15 @@ def _find(root: etree._Element, path: tuple[str, ...]) -> etree._Element | None:
     return element
 
 
-def new_child(parent: etree._Element, tag: str, order: tuple[str, ...] = ()) -> etree._Element:
-    """A new `<tag>` in `parent`: before the first sibling that `order` puts after it, else last (libxml2,
-    and so libvirt's validation, refuses some orders the schema's interleave should allow)."""
-    child = etree.Element(tag)
+_PREDICATE = re.compile(r"\[@([\w-]+)='([^']*)'\]")
+
+
+def new_child(parent: etree._Element, step: str, order: tuple[str, ...] = ()) -> etree._Element:
+    """A new `<tag>` in `parent` for a path step `tag` or `tag[@a='v']...` (its attributes set as the predicates
+    say): before the first sibling that `order` puts after it, else last (libxml2, and so libvirt's validation,
+    refuses some orders the schema's interleave should allow)."""
+    tag = step.partition("[")[0]
+    child = etree.Element(tag, dict(_PREDICATE.findall(step)))
     if tag in order:
         rank = order.index(tag)
         for index, sibling in enumerate(parent):
@@ -96,7 +102,7 @@ class XMLProperty(Field):
     """
 
     def __init__(self, path: str, kind: type = str, *, owned: bool = False) -> None:
-        tags, _, self.attribute = path.partition("@")
+        tags, _, self.attribute = path.rpartition("@") if path.rpartition("/")[2].startswith("@") else (path, "", "")
         self.path = tuple(tag for tag in tags.split("/") if tag)
         self.kind = kind
         self.owned = owned
