@@ -26,6 +26,7 @@ from libvirt_operator.election import Election
 from libvirt_operator.heartbeat import COUNTS_SECONDS, NodeHeartbeat
 from libvirt_operator.host import Host, HostUnavailable
 from libvirt_operator.kube import KubeClient
+from libvirt_operator.libvirt_errors import LibvirtError
 from libvirt_operator.libvirt_health import LibvirtHealth
 from libvirt_operator.metrics import Readings
 from libvirt_operator.model import AgentSettings, DomainSnapshot, Tuning
@@ -189,7 +190,7 @@ class Agent:
             removed = await self.host.call(guest.undefine_and_delete, uid, self.settings)
             if removed:  # nothing when the finalizer had removed it all and the cache had not heard yet
                 log.warning("VM %s was deleted without the operator's finalizer; removed %s", uid, ", ".join(removed))
-        except (HostUnavailable, guest.LIBVIRT_ERROR) as error:
+        except (HostUnavailable, LibvirtError) as error:
             log.warning("could not remove the orphaned domain %s: %s", uid, error)
 
     def _domain_changed(self, uuid: str) -> None:

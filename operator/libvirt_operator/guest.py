@@ -17,16 +17,16 @@ from libvirt_operator.domain_xml import merge, render
 from libvirt_operator.model import AgentSettings, OwnerMetadata, VMRef
 from libvirt_operator.paths import confine_spec
 from libvirt_operator.spec import SpecError, VMSpec
-from libvirt_operator.storage import Provisioner, UserDataLookup, delete_owned_volumes, error_code, lookup
+from libvirt_operator.libvirt_errors import UNSUPPORTED, has_code, lookup
+from libvirt_operator.storage import Provisioner, UserDataLookup, delete_owned_volumes
 
-LIBVIRT_ERROR = libvirt.libvirtError
 """What a failed libvirt call raises, for callers that must not import libvirt."""
 
 _REFUSED_DEFINITION = (
     libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_ERR_XML_DETAIL, libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
     libvirt.VIR_ERR_XML_INVALID_SCHEMA,
 )
-_UNSUPPORTED_FLAGS = (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED)
+_UNSUPPORTED_FLAGS = UNSUPPORTED | {libvirt.VIR_ERR_INVALID_ARG}
 _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
@@ -44,7 +44,7 @@ def _with_flags(call: Callable[[int], object], flag_sets: Sequence[int]) -> None
             call(flags)
             return
         except libvirt.libvirtError as error:
-            if error_code(error) not in _UNSUPPORTED_FLAGS:
+            if not has_code(error, *_UNSUPPORTED_FLAGS):
                 raise
     call(flag_sets[-1])
 
@@ -57,7 +57,7 @@ def _unless_already(done: bool, action: Callable[[], object]) -> None:
     try:
         action()
     except libvirt.libvirtError as error:
-        if error_code(error) != libvirt.VIR_ERR_OPERATION_INVALID:
+        if not has_code(error, libvirt.VIR_ERR_OPERATION_INVALID):
             raise
 
 
@@ -84,7 +84,7 @@ class Guest:
         try:
             return cls(conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE))
         except libvirt.libvirtError as error:
-            if error_code(error) in _REFUSED_DEFINITION:
+            if has_code(error, *_REFUSED_DEFINITION):
                 raise SpecError("spec", f"libvirt refused the domain definition: {error}") from error
             raise
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import libvirt
+
+T = TypeVar("T")
 
 LibvirtError = libvirt.libvirtError
 """libvirt's error, for modules that must not import libvirt themselves."""
@@ -28,3 +33,13 @@ def connection_lost(err: libvirt.libvirtError) -> bool:
 def has_code(err: libvirt.libvirtError, *codes: int) -> bool:
     return err.get_error_code() in codes
 
+
+
+def lookup(call: Callable[[], T], missing_code: int) -> T | None:
+    """`call()`, or None when libvirt answers that the object does not exist."""
+    try:
+        return call()
+    except libvirt.libvirtError as error:
+        if has_code(error, missing_code):
+            return None
+        raise

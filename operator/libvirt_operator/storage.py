@@ -24,6 +24,7 @@ import yaml
 from libvirt_operator import allowlist, downloads, images, qemu_access
 from libvirt_operator.disk_plan import ResolvedDisk, http_cache_name, owned_volume_name, resolved, seed_volume_name
 from libvirt_operator.domain_xml import nvram_path
+from libvirt_operator.libvirt_errors import lookup
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.paths import confine_spec, refuse_agent_files
 from libvirt_operator.spec import (
@@ -47,20 +48,6 @@ class Volume(XMLObject):
     format = XMLProperty("target/format/@type")
     backing_path = XMLProperty("backingStore/path")
     backing_format = XMLProperty("backingStore/format/@type")
-
-
-def error_code(error: libvirt.libvirtError) -> int:
-    return error.get_error_code()
-
-
-def lookup(call: Callable[[], object], missing_code: int) -> object | None:
-    """`call()`, or None when libvirt answers that the object does not exist."""
-    try:
-        return call()
-    except libvirt.libvirtError as error:
-        if error_code(error) == missing_code:
-            return None
-        raise
 
 
 def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:

@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from libvirt_operator import guest, reconcile
 from libvirt_operator.domains import DomainCache
 from libvirt_operator.host import Host, HostUnavailable
+from libvirt_operator.libvirt_errors import LibvirtError
 from libvirt_operator.kube import FINALIZER, KubeClient
 from libvirt_operator.libvirt_health import NOT_RESPONDING, LibvirtHealth
 from libvirt_operator.model import AgentSettings, DomainSnapshot, OwnerMetadata, Tuning, VMRef
@@ -178,7 +179,7 @@ class VMRun:
                 self.problem = _stalled(error)
             except HostUnavailable as error:
                 self.problem = reconcile.Problem("LibvirtUnavailable", f"libvirt does not answer: {error}", stalled=False)
-            except guest.LIBVIRT_ERROR as error:
+            except LibvirtError as error:
                 what = " and ".join(action.kind for action in step)
                 self.problem = reconcile.Problem("LibvirtError", f"{what} failed: {error}", stalled=False)
             if self.problem is not None:
