@@ -212,10 +212,11 @@ class Bench:
 
     def start(self) -> None:
         self.plane.start()
-        for crd in ("virtualmachine", "libvirtnode"):
+        for crd in ("virtualmachine", "libvirtnode", "virtualmachinemigration"):
             self.plane.kubectl("apply", "-f", str(REPO / "crds" / f"{crd}.yaml"))
         self.plane.kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io",
-                           "crd/libvirtnodes.libvirt-operator.io", "--timeout=30s")
+                           "crd/libvirtnodes.libvirt-operator.io", "crd/virtualmachinemigrations.libvirt-operator.io",
+                           "--timeout=30s")
         self.api_client = kubernetes.config.new_client_from_config(config_file=str(self.plane.admin_kubeconfig))
         self.api_client.configuration.connection_pool_maxsize = 8
         self.custom = kubernetes.client.CustomObjectsApi(self.api_client)

@@ -20,6 +20,8 @@ from lvo_testing.libvirt_env import GuestImage
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 CRDS = Path(__file__).parent.parent / "crds"
+CRD_NAMES = tuple(f"crd/{plural}.libvirt-operator.io"
+                  for plural in ("virtualmachines", "libvirtnodes", "virtualmachinemigrations"))
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
 _REQUESTS = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
 
@@ -98,10 +100,9 @@ def virsh(*args: str, uri: str = "qemu:///system", check: bool = True) -> str:
 
 
 def install_crds(kubectl: Kubectl, namespace: str) -> None:
-    """Applies both CRDs, waits until they serve, and creates `namespace`."""
+    """Applies the CRDs, waits until they serve, and creates `namespace`."""
     kubectl("apply", "-f", str(CRDS))
-    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io",
-            "crd/libvirtnodes.libvirt-operator.io", "--timeout=30s")
+    kubectl("wait", "--for=condition=Established", *CRD_NAMES, "--timeout=30s")
     kubectl("create", "namespace", namespace, check=False)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import event_reasons, install_crds, vm_manifest, wait_vm
+from e2e import CRD_NAMES, event_reasons, install_crds, vm_manifest, wait_vm
 from lvo_testing.agent_process import AgentProcess
 from lvo_testing.controlplane import ControlPlane
 
@@ -24,6 +24,8 @@ NAMESPACE = "rbac"
 GRANTED = {
     ("virtualmachines.libvirt-operator.io", "", "list patch watch"),
     ("virtualmachines.libvirt-operator.io/status", "", "patch"),
+    ("virtualmachinemigrations.libvirt-operator.io", "", "list watch"),
+    ("virtualmachinemigrations.libvirt-operator.io/status", "", "patch"),
     ("libvirtnodes.libvirt-operator.io", "", "create list"),
     ("libvirtnodes.libvirt-operator.io/status", "", "patch"),
     ("secrets", "", "get"),
@@ -43,6 +45,7 @@ def test_server_side_dry_run_of_the_base_on_a_fresh_api_server(tmp_path: Path) -
     assert created == {
         "customresourcedefinition.apiextensions.k8s.io/virtualmachines.libvirt-operator.io",
         "customresourcedefinition.apiextensions.k8s.io/libvirtnodes.libvirt-operator.io",
+        "customresourcedefinition.apiextensions.k8s.io/virtualmachinemigrations.libvirt-operator.io",
         "validatingadmissionpolicy.admissionregistration.k8s.io/virtualmachine-updates.libvirt-operator.io",
         "validatingadmissionpolicybinding.admissionregistration.k8s.io/virtualmachine-updates.libvirt-operator.io",
         "serviceaccount/libvirt-operator", "clusterrole.rbac.authorization.k8s.io/libvirt-operator",
@@ -77,8 +80,7 @@ def test_the_agent_works_with_its_service_account_and_may_do_nothing_else(
         control_plane: ControlPlane, tmp_path: Path) -> None:
     kubectl = control_plane.kubectl
     kubectl("apply", "-k", str(ROOT / "manifests"))
-    kubectl("wait", "--for=condition=Established", "crd/virtualmachines.libvirt-operator.io",
-            "crd/libvirtnodes.libvirt-operator.io", "--timeout=30s")
+    kubectl("wait", "--for=condition=Established", *CRD_NAMES, "--timeout=30s")
     kubectl("create", "namespace", NAMESPACE, check=False)
 
     # Exactly the rules the agent uses, beyond what any authenticated identity may do anyway.

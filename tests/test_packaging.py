@@ -129,11 +129,21 @@ def test_the_image_and_the_wheel_carry_the_operator_and_no_test_helpers(tmp_path
             assert helper_only not in source, f"{relative} needs {helper_only}, which the image lacks"
 
 
-@pytest.mark.parametrize("crd", ["virtualmachine.yaml", "libvirtnode.yaml", "virtualmachine-updates.yaml"])
+CRDS = sorted(path.name for path in (ROOT / "crds").glob("*.yaml"))
+
+
+def test_the_crds_are_all_there() -> None:
+    assert CRDS == ["libvirtnode.yaml", "virtualmachine-updates.yaml", "virtualmachine.yaml",
+                    "virtualmachinemigration.yaml"]
+
+
+@pytest.mark.parametrize("crd", CRDS)
 def test_manifests_carry_the_crds_unchanged(crd: str) -> None:
     # kustomize refuses files outside manifests/ (symlinks too), so the base holds copies.
     assert (MANIFESTS / "crds" / crd).read_bytes() == (ROOT / "crds" / crd).read_bytes(), \
         "run: cp crds/*.yaml manifests/crds/"
+    resources = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())["resources"]
+    assert f"crds/{crd}" in resources, "list it in manifests/kustomization.yaml"
 
 
 def manifest_objects() -> dict[tuple[str, str], dict[str, Any]]:
