@@ -1,4 +1,5 @@
-"""The VirtualMachine CRD on a real API server: bad specs are refused at admission, naming the field."""
+"""The CRDs on a real API server: bad specs are refused at admission, naming the field; what the agents write
+into status is kept; kubectl shows it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from e2e import install_crds
 from libvirt_operator.spec import SpecError, parse_spec
 from test_guest_properties import MANIFESTS
 
@@ -221,3 +223,119 @@ def test_admission_and_the_agent_accept_the_same_quantities(vm_crd: Kubectl, qua
     admitted = admitted_names(vm_crd, specs)
     disagreements = {name: specs[name] for name in specs if (name in admitted) != agent_accepts(specs[name])}
     assert disagreements == {}, f"admitted by the API server: {sorted(admitted & set(disagreements))}"
+
+
+# The migration API (DESIGN.md section 3): VirtualMachineMigration, VM status.migration, LibvirtNode status.drain.
+
+@pytest.fixture(scope="module")
+def crds(kubectl: Kubectl) -> Kubectl:
+    install_crds(kubectl, NAMESPACE)
+    return kubectl
+
+
+def migration(name: str, **spec: object) -> str:
+    return json.dumps({"apiVersion": "libvirt-operator.io/v1alpha1", "kind": "VirtualMachineMigration",
+                       "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec})
+
+
+def patch_status(kubectl: Kubectl, resource: str, status: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return kubectl("patch", resource, "-n", NAMESPACE, "--subresource=status", "--type=merge",
+                   "-p", json.dumps({"status": status}), check=False)
+
+
+def stored_status(kubectl: Kubectl, resource: str) -> dict[str, Any]:
+    return json.loads(kubectl("get", resource, "-n", NAMESPACE, "-o", "json").stdout)["status"]
+
+
+MIGRATION_REJECTED = {
+    "no-vm-name": ({"targetNode": "node-b"}, "spec.vmName: Required value"),
+    "bad-vm-name": ({"vmName": "Web_1"}, 'spec.vmName: Invalid value: "Web_1"'),
+    "long-vm-name": ({"vmName": "a" * 64}, "spec.vmName: Too long"),
+    "bad-target": ({"vmName": "web-1", "targetNode": "node..b"}, 'spec.targetNode: Invalid value: "node..b"'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MIGRATION_REJECTED))
+def test_a_bad_migration_is_refused_naming_the_field(crds: Kubectl, case: str) -> None:
+    spec, expected = MIGRATION_REJECTED[case]
+    result = server_dry_run(crds, migration(f"bad-{case}", **spec))
+    assert f'The VirtualMachineMigration "bad-{case}" is invalid' in result.stderr
+    assert expected in result.stderr
+
+
+def test_a_migration_needs_a_spec_and_the_target_node_is_optional(crds: Kubectl) -> None:
+    without_spec = json.loads(migration("no-spec"))
+    del without_spec["spec"]
+    assert "spec: Required value" in server_dry_run(crds, json.dumps(without_spec)).stderr
+    for name, spec in (("anywhere", {"vmName": "web-1"}), ("there", {"vmName": "web-1", "targetNode": "node-b.rack-2"})):
+        result = server_dry_run(crds, migration(name, **spec))
+        assert result.returncode == 0, result.stderr
+
+
+def test_a_migration_is_never_reused(crds: Kubectl) -> None:
+    crds("apply", "-f", "-", input=migration("once", vmName="web-1"))
+    try:
+        for change in ({"targetNode": "node-b"}, {"vmName": "web-2"}):
+            result = crds("patch", "vmim", "once", "-n", NAMESPACE, "--type=merge", "-p", json.dumps({"spec": change}),
+                          check=False)
+            assert "a VirtualMachineMigration is never reused: create a new one" in result.stderr, result
+    finally:
+        crds("delete", "vmim", "once", "-n", NAMESPACE)
+
+
+MIGRATION_STATUS = {"phase": "Failed", "sourceNode": "node-a", "targetNode": "node-b",
+                    "startTime": "2026-12-06T15:00:00Z", "endTime": "2026-12-06T15:00:04Z",
+                    "message": "no progress for 150s: aborted; the guest runs on node-a",
+                    "downtimeMilliseconds": 42, "dataTotalBytes": 134217728, "dataProcessedBytes": 100663296}
+
+
+def test_a_migration_keeps_its_status_and_kubectl_shows_it(crds: Kubectl) -> None:
+    crds("apply", "-f", "-", input=migration("shown", vmName="web-1", targetNode="node-b"))
+    try:
+        assert 'Unsupported value: "Migrating"' in patch_status(crds, "vmim/shown", {"phase": "Migrating"}).stderr
+        assert patch_status(crds, "vmim/shown", MIGRATION_STATUS).returncode == 0
+        assert stored_status(crds, "vmim/shown") == MIGRATION_STATUS
+        table = crds("get", "vmim", "shown", "-n", NAMESPACE).stdout.splitlines()
+        assert table[0].split() == ["NAME", "VM", "SOURCE", "TARGET", "PHASE", "AGE"]
+        assert table[1].split()[:5] == ["shown", "web-1", "node-a", "node-b", "Failed"]
+        wide = crds("get", "virtualmachinemigrations", "shown", "-n", NAMESPACE, "-o", "wide").stdout.splitlines()
+        assert wide[0].split()[-1] == "MESSAGE" and wide[1].endswith(MIGRATION_STATUS["message"])
+        assert "shown" in crds("get", "libvirt", "-n", NAMESPACE).stdout
+        assert "never reused" in crds("explain", "vmim").stdout
+        assert "the placement picks one" in crds("explain", "vmim.spec.targetNode").stdout
+    finally:
+        crds("delete", "vmim", "shown", "-n", NAMESPACE)
+
+
+def test_a_vm_keeps_its_migration_status(crds: Kubectl) -> None:
+    # Pinned to a node no agent serves: no agent of a later module takes it.
+    crds("apply", "-f", "-", input=manifest("moving", nodeName="node-nowhere"))
+    status = {"migration": {"id": "nodeName-2", "trigger": "NodeName", "migrationName": "move-web-1",
+                            "source": "node-a", "target": "node-b", "phase": "Running",
+                            "startTime": "2026-12-06T15:00:00Z", "endTime": "2026-12-06T15:00:04Z",
+                            "message": "copying memory", "downtimeMilliseconds": 12, "dataTotalBytes": 134217728,
+                            "dataProcessedBytes": 1048576, "failures": 1},
+              "conditions": [{"type": "Ready", "status": "True", "reason": "RunningAsDesired"},
+                             {"type": "Migrating", "status": "True", "reason": "Running", "message": "to node-b"},
+                             {"type": "Migratable", "status": "True", "reason": "Movable"}]}
+    try:
+        assert 'Unsupported value: "Queued"' in patch_status(
+            crds, "vm/moving", {"migration": {"phase": "Queued"}}).stderr
+        assert patch_status(crds, "vm/moving", status).returncode == 0
+        assert stored_status(crds, "vm/moving") == status
+    finally:
+        crds("delete", "vm", "moving", "-n", NAMESPACE)
+
+
+def test_a_libvirt_node_keeps_its_drain_status(crds: Kubectl) -> None:
+    node = "admission-drained"
+    crds("apply", "-f", "-", input=json.dumps({"apiVersion": "libvirt-operator.io/v1alpha1", "kind": "LibvirtNode",
+                                               "metadata": {"name": node}, "spec": {"drain": True}}))
+    drain = {"state": "Blocked", "remaining": 1,
+             "blockedBy": [{"vm": f"{NAMESPACE}/pinned", "reason": "pinned to this node by spec.nodeName"}]}
+    try:
+        assert patch_status(crds, f"lvnode/{node}", {"drain": drain}).returncode == 0
+        assert stored_status(crds, f"lvnode/{node}")["drain"] == drain
+        assert 'Unsupported value: "Emptying"' in patch_status(crds, f"lvnode/{node}", {"drain": {"state": "Emptying"}}).stderr
+    finally:
+        crds("delete", "lvnode", node)
