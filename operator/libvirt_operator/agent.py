@@ -29,10 +29,13 @@ from libvirt_operator.kube import KubeClient
 from libvirt_operator.libvirt_errors import LibvirtError
 from libvirt_operator.libvirt_health import LibvirtHealth
 from libvirt_operator.metrics import Readings
+from libvirt_operator.migration import Move
+from libvirt_operator.move_admission import MoveAdmission
 from libvirt_operator.model import AgentSettings, DomainSnapshot, Tuning
 from libvirt_operator.nodes import Role
 from libvirt_operator.scheduler import Scheduler
 from libvirt_operator.status_writer import StatusWriter, newer_or_same
+from libvirt_operator.vm_move import MoveSteps
 from libvirt_operator.vm_run import VMRun
 from libvirt_operator.workqueue import WorkQueue
 
@@ -42,6 +45,8 @@ UNAVAILABLE = (ApiException, urllib3.exceptions.HTTPError, HostUnavailable)
 """What an unreachable API server or libvirtd raises: expected, retried, logged without a traceback."""
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
+ADMISSION_RECHECK_SECONDS = 10.0
+"""How soon a move held back (parallel bounds, retry delay) is looked at again, besides when a move ends."""
 
 
 class Agent:
@@ -60,6 +65,9 @@ class Agent:
         self.election = Election(kube, settings.placement.lease_namespace, settings.node_name, tuning.lease_seconds)
         self.status = StatusWriter(kube, self.bodies, tuning)
         self.scheduler = Scheduler(kube, self.fleet, self.ledger, self.status.write, self.clock)
+        self.admission = MoveAdmission(kube, self.fleet, self.ledger, self.bodies, settings.migration,
+                                       self.status.write, self.clock)
+        self.moves = MoveSteps(self)
         self.node = NodeHeartbeat(settings, kube, host, cache, tuning, self.fleet, self.ledger, self.election,
                                   self.bodies, self.resync)
         self.retries: dict[str, float] = {}
@@ -145,6 +153,10 @@ class Agent:
     def observe(self, event_type: str, body: Mapping[str, Any]) -> None:
         """A watch event for a VirtualMachine (kopf's on.event); runs on the event loop, as everything here."""
         uid = body["metadata"]["uid"]
+        held = self.bodies.get(uid)
+        if held is not None and self._move_ended(held, body):
+            for waiting in self.admission.waiting:
+                self.queue.add(waiting)
         if event_type == "DELETED":
             self.bodies.pop(uid, None)
             self.ledger.place(uid, None)
@@ -154,15 +166,28 @@ class Agent:
                     self.queue.add(waiting)
             self.status.forget(uid)
             self.retries.pop(uid, None)
-            if self.cache.get(uid) is not None:
+            move = Move.of((held or body).get("status") or {})
+            if self.cache.get(uid) is not None or move is not None and move.target == self.settings.node_name:
                 self._background(self.remove_orphan(uid))
             return
-        held = self.bodies.get(uid)
         if held is not None and newer_or_same(held, body):
             return
         self.bodies[uid] = dict(body)
         self.scheduler.book(body)
         self.queue.add(uid)
+
+    @staticmethod
+    def _move_ended(held: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+        before, after = Move.of(held.get("status") or {}), Move.of(body.get("status") or {})
+        return before is not None and before.active and (after is None or not after.active)
+
+    def observe_migration(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """A watch event for a VirtualMachineMigration: the VM it names is looked at again."""
+        vm = self.admission.observe(event_type, body)
+        if vm is not None:
+            self.queue.add(vm)
+        elif self.election.leading and event_type != "DELETED":
+            self._background(self.admission.fail_orphan_requests())
 
     def _background(self, job: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(job)
@@ -268,10 +293,15 @@ class Agent:
         body = self.bodies.get(uid)
         if body is None:
             return
+        if self.election.leading:
+            if await self.admission.duty(body):
+                return  # a move was scheduled: the watch brings the body written
+            if uid in self.admission.waiting:
+                self.queue.add_after(uid, ADMISSION_RECHECK_SECONDS)
         role = nodes.role(body, self.fleet)
         if role is Role.REMOVE_COPY and self.cache.get(uid) is not None:
             await self.remove_copy(body)
-        if role not in (Role.RUN, Role.RELEASE):
+        if role not in (Role.RUN, Role.RELEASE, Role.INCOMING, Role.CLEAN_INCOMING):
             if self.election.leading:
                 await self.scheduler.duty(body)
                 if uid in self.bodies and nodes.runs_here(self.bodies[uid], self.fleet):
@@ -280,7 +310,10 @@ class Agent:
         run = VMRun(self, body)
         health = self.host.health.current
         if not health.answering:
-            await run.report_unknown(health)
+            if role in (Role.RUN, Role.RELEASE):
+                await run.report_unknown(health)
+            return
+        if await self.moves.reconcile(run, role):
             return
         if role is Role.RELEASE:
             await run.release()

@@ -144,14 +144,14 @@ class Guest:
 # --- A VM's domain from its spec ------------------------------------------------------------------
 
 
-def _prepare_host_dirs(spec: VMSpec, settings: AgentSettings) -> None:
+def prepare_host_dirs(spec: VMSpec, settings: AgentSettings) -> None:
     if spec.firmware == "uefi":
         qemu_access.make_reachable_dir(settings.state_dir / "nvram")  # QEMU opens the NVRAM file itself
     if spec.console.log:
         settings.console_log_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _check_kernel_boot(spec: VMSpec) -> None:
+def check_kernel_boot(spec: VMSpec) -> None:
     kernel_boot = spec.kernel_boot
     if kernel_boot is None:
         return
@@ -175,14 +175,14 @@ def provision_and_define(
     If anything fails, the volumes this call created are deleted again.
     """
     spec = confine_spec(spec, settings.allowed_roots)
-    _check_kernel_boot(spec)
+    check_kernel_boot(spec)
     provisioner = Provisioner(conn, vm, settings, user_data_lookup, domain_active)
     with provisioner.rolling_back():
         disks = provisioner.provision(spec)
         xml = render(spec, vm, settings, generation=generation, spec_hash=spec_hash, disks=disks)
         if existing_xml is not None:
             xml = merge(existing_xml, xml)
-        _prepare_host_dirs(spec, settings)
+        prepare_host_dirs(spec, settings)
         guest = Guest.define(conn, xml)
     return Definition(xml, guest)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from libvirt_operator.domains import DomainCache
 from libvirt_operator.election import Election
 from libvirt_operator.host import Host, HostCapacity, HostUnavailable
 from libvirt_operator.kube import KubeClient, now_iso
+from libvirt_operator.migration import LIVE_STATES
 from libvirt_operator.model import AgentSettings, Tuning
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class NodeHeartbeat:
         }
         if migration := migration_status(self.settings):
             status["migration"] = migration
+        status["drain"] = drain_status(me, self.bodies.values()) if me is not None and me.spec.get("drain") else None
         if capacity is not None:
             status["hypervisor"] = {
                 "type": capacity.hypervisor_type, "version": capacity.hypervisor_version,
@@ -145,3 +147,25 @@ def migration_status(settings: AgentSettings) -> dict[str, str]:
     """`LibvirtNode.status.migration`: how other hosts reach this one for a move; the flags given, else empty."""
     given = {"uri": settings.migration_uri, "address": settings.migration_address}
     return {key: value for key, value in given.items() if value}
+
+
+def drain_status(node: nodes.NodeView, bodies: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """`LibvirtNode.status.drain`: the VMs still placed on the draining node, and those that keep it from emptying."""
+    here = [body for body in bodies if (body.get("status") or {}).get("nodeName") == node.name]
+    blocked = [{"vm": f"{body['metadata']['namespace']}/{body['metadata']['name']}", "reason": reason}
+               for body in here if (reason := _drain_blocker(body, node.name)) is not None]
+    state = "Drained" if not here else "Blocked" if len(blocked) == len(here) else "Draining"
+    return {"state": state, "remaining": len(here), "blockedBy": blocked}
+
+
+def _drain_blocker(body: Mapping[str, Any], node: str) -> str | None:
+    status = body.get("status") or {}
+    if (body.get("spec") or {}).get("nodeName") == node:
+        return f"pinned: spec.nodeName is {node}"
+    unmovable = next((c for c in status.get("conditions", []) if c.get("type") == "Migratable"
+                      and c.get("status") == "False"), None)
+    if unmovable is not None:
+        return unmovable.get("message", "not migratable")
+    if (status.get("domain") or {}).get("state") not in LIVE_STATES:
+        return "not running: only a running VM moves live"
+    return None

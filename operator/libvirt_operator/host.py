@@ -149,7 +149,7 @@ class Host:
             await self._run(self._threads.close_all)
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         """Runs `fn(conn, *args)` in a worker thread, `conn` being that thread's own connection.
 
         `conn`, and every libvirt object among `args`, arrive as `Counted` proxies: each call
@@ -158,18 +158,20 @@ class Host:
         libvirt objects in the result are handed back unwrapped; they stay bound to the connection
         that made them (libvirt refuses to mix connections in one call, as `domainListGetStats`).
         A lost connection raises HostUnavailable and starts the reconnect; other errors raise
-        `libvirt.libvirtError`.
+        `libvirt.libvirtError`. `timeout`: for a call that is long by nature (a migration), instead of
+        `call_timeout`.
         """
         conn = self._conn
+        timeout = timeout or self.call_timeout
         if conn is None:
             raise HostUnavailable(f"{self.uri}: not connected")
         try:
             # The worker cannot be interrupted: a call libvirtd never answers keeps its thread (and that
             # thread's connection) until it does; the agent stops waiting.
-            result = await asyncio.wait_for(self._run(self._in_worker, fn, args), self.call_timeout)
+            result = await asyncio.wait_for(self._run(self._in_worker, fn, args), timeout)
         except TimeoutError as err:
-            self.health.not_responding(self.call_timeout, getattr(fn, "__name__", "a call"))
-            raise HostUnavailable(f"{self.uri}: no answer within {self.call_timeout:g} s") from err
+            self.health.not_responding(timeout, getattr(fn, "__name__", "a call"))
+            raise HostUnavailable(f"{self.uri}: no answer within {timeout:g} s") from err
         except libvirt.libvirtError as err:
             if not connection_lost(err):
                 self.health.answered()

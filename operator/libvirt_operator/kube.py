@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 FINALIZER = f"{API_GROUP}/domain"
 NODE_PLURAL = "libvirtnodes"
+MIGRATION_PLURAL = "virtualmachinemigrations"
 
 
 def now_iso() -> str:
@@ -79,6 +80,10 @@ class KubeClient:
             "patch", "virtualmachines/status", self.custom.patch_namespaced_custom_object_status,
             API_GROUP, API_VERSION, namespace, PLURAL, name, body,
         )
+
+    async def patch_migration_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        await self._write("patch", "virtualmachinemigrations/status", self.custom.patch_namespaced_custom_object_status,
+                          API_GROUP, API_VERSION, namespace, MIGRATION_PLURAL, name, {"status": patch})
 
     async def patch_node_status(self, name: str, patch: dict[str, Any]) -> None:
         await self._write("patch", "libvirtnodes/status", self.custom.patch_cluster_custom_object_status,

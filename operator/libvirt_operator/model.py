@@ -61,6 +61,23 @@ class PlacementPolicy:
 
 
 @dataclass(frozen=True)
+class MigrationPolicy:
+    """How live moves run (KubeVirt's defaults)."""
+
+    progress_timeout_seconds: float = 150.0
+    """A move whose data left to send has not shrunk for this long is aborted."""
+    completion_timeout_per_gib_seconds: float = 150.0
+    """A move taking longer than this per GiB of memory and copied disk is aborted."""
+    parallel_per_node: int = 2
+    """Moves in flight from or to one node at a time."""
+    parallel_per_cluster: int = 5
+    prepare_timeout_seconds: float = 120.0
+    """A target whose agent has not prepared within this long fails the move."""
+    tls: bool = False
+    """The migration stream over TLS (VIR_MIGRATE_TLS); libvirt's own connection is TLS by its URI (qemu+tls)."""
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     """How one agent is configured; passed in, never read from the environment inside Host/Guest."""
 
@@ -86,6 +103,7 @@ class AgentSettings:
     """The libvirt URI other hosts' libvirtd use to reach this host's (DESIGN.md §3); None: not published."""
     migration_address: str | None = None
     """Where this host receives the migration stream; None: not published."""
+    migration: MigrationPolicy = MigrationPolicy()
 
 
 @dataclass(frozen=True)

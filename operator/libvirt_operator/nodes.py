@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from libvirt_operator.migration import FAILED, Move
 from libvirt_operator.model import Tuning
 
 LEASE_SECONDS = Tuning().lease_seconds
@@ -126,6 +127,10 @@ class Role(enum.Enum):
     """Placed here, but spec.nodeName now names another node: stop and remove it here first."""
     REMOVE_COPY = "remove-copy"
     """Placed on another node (after this one was fenced): a domain here is a stale copy."""
+    INCOMING = "incoming"
+    """The target of a move in flight: prepare when asked, and leave the incoming domain to libvirt."""
+    CLEAN_INCOMING = "clean-incoming"
+    """The target of a move that failed: what was prepared here goes."""
     NONE = "none"
 
 
@@ -142,6 +147,12 @@ def role(body: Mapping[str, Any], fleet: Fleet) -> Role:
     if placed == me:
         deleting = bool(body.get("metadata", {}).get("deletionTimestamp"))
         return Role.RUN if pinned in (None, me) or deleting else Role.RELEASE
+    move = Move.of(body.get("status") or {})
+    if placed is not None and move is not None and move.target == me and move.source == placed:
+        if move.active:
+            return Role.INCOMING
+        if move.phase == FAILED:
+            return Role.CLEAN_INCOMING
     if placed is None:
         return Role.RUN if pinned == me else Role.NONE
     return Role.REMOVE_COPY

@@ -8,7 +8,9 @@ import os
 import socket
 from pathlib import Path
 
-from libvirt_operator.model import VCPU_SCHEDULERS, AgentSettings, DownloadPolicy, PlacementPolicy, Tuning
+from libvirt_operator.model import (
+    VCPU_SCHEDULERS, AgentSettings, DownloadPolicy, MigrationPolicy, PlacementPolicy, Tuning,
+)
 from libvirt_operator.spec_fields import SpecError, parse_quantity
 
 
@@ -73,6 +75,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--migration-address", default=None,
                         help="the address where this host receives the migration stream; published in "
                              "LibvirtNode.status.migration (default: none)")
+    moves = defaults.migration
+    parser.add_argument("--migration-tls", action="store_true",
+                        help="send the migration stream over TLS (VIR_MIGRATE_TLS; libvirt's TLS certificates on every "
+                             "host); with a qemu+tls --migration-uri, the production setting")
+    parser.add_argument("--migration-progress-timeout", type=float, default=moves.progress_timeout_seconds,
+                        help="abort a move whose data left to send has not shrunk for this many seconds (default 150)")
+    parser.add_argument("--migration-completion-timeout-per-gib", type=float,
+                        default=moves.completion_timeout_per_gib_seconds,
+                        help="abort a move taking longer than this many seconds per GiB of memory and copied disk "
+                             "(default 150)")
+    parser.add_argument("--parallel-migrations-per-node", type=int, default=moves.parallel_per_node,
+                        help="moves in flight from or to one node at a time (default 2)")
+    parser.add_argument("--parallel-migrations-per-cluster", type=int, default=moves.parallel_per_cluster,
+                        help="moves in flight in the cluster at a time (default 5)")
     placement = defaults.placement
     parser.add_argument("--cpu-allocation-ratio", type=float, default=placement.cpu_allocation_ratio,
                         help="vCPUs placed per host CPU (default 4.0)")
@@ -114,6 +130,11 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
         allowed_pools=tuple(args.allowed_pools or defaults.allowed_pools),
         allow_user_networking=args.allow_user_networking,
         migration_uri=args.migration_uri, migration_address=args.migration_address,
+        migration=MigrationPolicy(
+            progress_timeout_seconds=args.migration_progress_timeout,
+            completion_timeout_per_gib_seconds=args.migration_completion_timeout_per_gib,
+            parallel_per_node=args.parallel_migrations_per_node, parallel_per_cluster=args.parallel_migrations_per_cluster,
+            tls=args.migration_tls),
         placement=PlacementPolicy(
             cpu_allocation_ratio=args.cpu_allocation_ratio, memory_allocation_ratio=args.memory_allocation_ratio,
             vm_memory_overhead=args.vm_memory_overhead, capacity_vcpus=args.capacity_vcpus,

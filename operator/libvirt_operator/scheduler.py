@@ -31,7 +31,7 @@ DISK_LOSS_ANNOTATION = "libvirt-operator.io/allow-disk-loss"
 WriteStatus = Callable[[dict[str, Any], dict[str, Any], str | None], Awaitable[None]]
 
 
-def _with_condition(status: dict[str, Any], kind: str, value: str, reason: str, message: str,
+def with_condition(status: dict[str, Any], kind: str, value: str, reason: str, message: str,
                     now: datetime.datetime, generation: int) -> dict[str, Any]:
     previous = next((c for c in status.get("conditions", []) if c.get("type") == kind), {})
     condition = {"type": kind, "status": value, "reason": reason, "message": message, "observedGeneration": generation,
@@ -58,7 +58,7 @@ def pending_status(body: Mapping[str, Any], reason: str, message: str, now: date
     else:
         status.pop("nodeName", None)
     status.pop("observedGeneration", None)
-    return _with_condition(status, "Scheduled", "False", reason, message, now, view.generation)
+    return with_condition(status, "Scheduled", "False", reason, message, now, view.generation)
 
 
 def unreachable_status(body: Mapping[str, Any], node: str, message: str, now: datetime.datetime) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def unreachable_status(body: Mapping[str, Any], node: str, message: str, now: da
     status = dict(body.get("status") or {})
     status["printableStatus"] = "Unknown"
     status["ready"] = False
-    return _with_condition(status, "Ready", "Unknown", "NodeUnreachable", message, now,
+    return with_condition(status, "Ready", "Unknown", "NodeUnreachable", message, now,
                            body["metadata"].get("generation", 1))
 
 
@@ -155,7 +155,7 @@ class Scheduler:
         self.waiting.discard(uid)
         self.ledger.place(uid, choice.node, placement.Offer.of(self.fleet.nodes[choice.node]).cost(request))
         now = self.clock()
-        status = _with_condition(dict(body.get("status") or {}), "Scheduled", "True", "Placed", choice.message, now,
+        status = with_condition(dict(body.get("status") or {}), "Scheduled", "True", "Placed", choice.message, now,
                                  body["metadata"].get("generation", 1))
         status["nodeName"] = choice.node
         try:

@@ -19,7 +19,9 @@ from libvirt_operator.domains import DomainCache
 from libvirt_operator.host import Host, HostUnavailable
 from libvirt_operator.libvirt_errors import LibvirtError
 from libvirt_operator.kube import FINALIZER, KubeClient
+from libvirt_operator.migration import not_migratable
 from libvirt_operator.libvirt_health import NOT_RESPONDING, LibvirtHealth
+from libvirt_operator.nodes import Fleet
 from libvirt_operator.model import AgentSettings, DomainSnapshot, OwnerMetadata, Tuning, VMRef
 from libvirt_operator.scheduler import owned_data_disks, pending_status
 from libvirt_operator.spec import SpecError, VMSpec, parse_spec, spec_hash
@@ -43,6 +45,7 @@ class RunContext(Protocol):
     status: StatusWriter
     bodies: dict[str, dict[str, Any]]
     clock: Callable[[], datetime.datetime]
+    fleet: Fleet
 
     def retry_delay(self, uid: str) -> float: ...
 
@@ -69,7 +72,9 @@ class VMRun:
             try:
                 self.spec = parse_spec(self.spec_dict)
             except SpecError as error:
-                self.problem = _stalled(error)
+                self.problem = stalled(error)
+            else:
+                self.view = replace(self.view, not_migratable=not_migratable(self.spec))
 
     async def report_unknown(self, health: LibvirtHealth) -> None:
         """What a reader can know while libvirt does not answer; nothing is done to the domain meanwhile."""
@@ -80,15 +85,16 @@ class VMRun:
         await self.agent.status.write(self.body, status)
 
     async def release(self) -> None:
-        """spec.nodeName names another node: the domain is stopped and removed here before that node's agent may
-        start it (status.nodeName cleared last), unless its disks hold data only this node has."""
+        """spec.nodeName names another node and the domain does not run (a running one moves live): it is removed
+        here before that node's agent may start it (status.nodeName cleared last), unless its disks hold data only
+        this node has."""
         target, me = self.spec_dict.get("nodeName"), self.agent.settings.node_name
         data = owned_data_disks(self.spec) if self.spec is not None else []
         if self.problem is None and data:
-            self.problem = _stalled(SpecError("spec.nodeName", (
-                f"moving this VM from {me} to {target} would lose {', '.join(data)}, whose data lives only on {me}, "
-                f"and live migration is not there yet; set spec.nodeName back to {me}, or delete the VM and create "
-                f"it on {target}")))
+            self.problem = stalled(SpecError("spec.nodeName", (
+                f"moving this VM from {me} to {target} would lose {', '.join(data)}, whose data lives only on {me}: "
+                f"only a running VM moves, live, with its disks; start it (runStrategy) to move it, set spec.nodeName "
+                f"back to {me}, or delete the VM and create it on {target}")))
         if self.problem is not None:
             await self.agent.status.write(self.body, self.decide_now().status)
             return
@@ -176,7 +182,7 @@ class VMRun:
             try:
                 await self._execute(step, snapshot)
             except SpecError as error:
-                self.problem = _stalled(error)
+                self.problem = stalled(error)
             except HostUnavailable as error:
                 self.problem = reconcile.Problem("LibvirtUnavailable", f"libvirt does not answer: {error}", stalled=False)
             except LibvirtError as error:
@@ -228,7 +234,7 @@ class VMRun:
 
     async def _define(self, then_start: reconcile.Action | None = None) -> None:
         assert self.spec is not None
-        secrets = await self._user_data()
+        secrets = await self.user_data()
         owner = OwnerMetadata(uid=self.ref.uid, namespace=self.ref.namespace, name=self.ref.name,
                               generation=self.view.generation, spec_hash=self.view.spec_hash,
                               cluster=self.agent.settings.cluster_id)
@@ -242,7 +248,7 @@ class VMRun:
         if start_error is not None:
             raise start_error
 
-    async def _user_data(self) -> dict[str, str | bytes]:
+    async def user_data(self) -> dict[str, str | bytes]:
         """The Secrets the spec's cloudInit disks name, read with `get` only (bytes when not UTF-8 text:
         cloud-init takes gzip-compressed user data)."""
         found: dict[str, str | bytes] = {}
@@ -292,5 +298,5 @@ def _steps(actions: tuple[reconcile.Action, ...]) -> list[tuple[reconcile.Action
     return steps
 
 
-def _stalled(error: SpecError) -> reconcile.Problem:
+def stalled(error: SpecError) -> reconcile.Problem:
     return reconcile.Problem("InvalidSpec", str(error), stalled=True)

@@ -10,10 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from libvirt_operator.migration import Move, migrating_condition
 from libvirt_operator.model import DomainSnapshot
 
 RESTART_ANNOTATION = "libvirt-operator.io/restart"
-CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Paused", "RestartRequired", "Scheduled")
+CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Paused", "RestartRequired", "Scheduled", "Migrating", "Migratable")
 RUNNING_STATES = frozenset({"running", "blocked"})
 
 
@@ -42,6 +43,8 @@ class VMView:
     annotations: Mapping[str, str] = field(default_factory=dict)
     deleting: bool = False
     has_finalizer: bool = True
+    not_migratable: tuple[str, str] | None = None
+    """(reason, message) when the spec keeps the VM from moving live (migration.not_migratable)."""
 
     @property
     def run_strategy(self) -> str:
@@ -84,6 +87,8 @@ def _printable(vm: VMView, snapshot: DomainSnapshot | None, planned: Planned, pr
         return "Starting" if "start" in planned.action_kinds else "Pending"
     if "stop" in planned.action_kinds or snapshot.state == "shutdown":
         return "Stopping"
+    if _moving(vm, snapshot):
+        return "Migrating"
     if snapshot.state in RUNNING_STATES:
         return "Running"
     if snapshot.state in ("paused", "pmsuspended"):
@@ -108,6 +113,8 @@ def _ready(vm: VMView, snapshot: DomainSnapshot | None, planned: Planned, proble
         return False, "NotDefined", "the domain is not defined yet"
     if snapshot.state in RUNNING_STATES:
         return True, "RunningAsDesired", f"the domain {snapshot.name} is running"
+    if _moving(vm, snapshot):
+        return True, "Migrating", f"the domain {snapshot.name} is paused for the last step of its move (migration)"
     if snapshot.state == "paused":
         if vm.spec.get("paused"):
             return True, "PausedAsDesired", "the domain is paused as spec.paused asks"
@@ -117,6 +124,13 @@ def _ready(vm: VMView, snapshot: DomainSnapshot | None, planned: Planned, proble
     if snapshot.state in ("shutoff", "crashed"):
         return True, "StoppedAsDesired", f"the domain is shut off ({snapshot.reason}) as runStrategy {vm.run_strategy} asks"
     return False, "Transitioning", f"the domain is {snapshot.state} ({snapshot.reason})"
+
+
+def _moving(vm: VMView, snapshot: DomainSnapshot) -> bool:
+    """Running on the source while a move is in flight (paused by libvirt for its last step, or not)."""
+    move = Move.of(vm.status)
+    return move is not None and move.active and (snapshot.state in RUNNING_STATES or
+                                                 snapshot.state == "paused" and snapshot.reason == "migration")
 
 
 def _condition(previous: Mapping[str, Mapping[str, Any]], kind: str, value: bool, reason: str, message: str,
@@ -157,6 +171,9 @@ def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.date
                    if restart_required else "",
                    vm.generation, now),
         _scheduled_here(previous, vm, node_name, now),
+        _condition(previous, "Migrating", *migrating_condition(Move.of(vm.status)), vm.generation, now),
+        _condition(previous, "Migratable", vm.not_migratable is None,
+                   *(vm.not_migratable or ("Migratable", "the VM can move live to another node")), vm.generation, now),
     ]
     applied = definition_current(vm, snapshot) and not planned.action_kinds
     observed = vm.generation if applied or stalled and problem is not None else vm.status.get("observedGeneration")
@@ -170,6 +187,8 @@ def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.date
     }
     if observed is not None:
         status["observedGeneration"] = observed
+    if "migration" in vm.status:
+        status["migration"] = vm.status["migration"]
     if snapshot is not None:
         status["domain"] = _domain_status(snapshot)
         status["vcpus"] = _vcpus(vm.spec, snapshot)

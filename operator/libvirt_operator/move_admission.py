@@ -1,0 +1,242 @@
+"""What the elected agent does for moves: it sees which running VMs should move (a `spec.nodeName` edit, a
+VirtualMachineMigration, a drain of their node), picks the target when none is named, keeps the parallel
+bounds (it is the one decider, so its count of moves in flight is exact), and starts a move by writing
+`status.migration` phase Scheduled with a resourceVersion precondition. It also keeps each
+VirtualMachineMigration's status in step with the move it asked for.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from libvirt_operator import placement
+from libvirt_operator.kube import KubeClient
+from libvirt_operator.migration import (
+    DRAIN, FAILED, LIVE_STATES, MIGRATION, NODE_NAME, SCHEDULED, SUCCEEDED, Move, format_time, not_migratable, volume_pools,
+    with_move,
+)
+from libvirt_operator.model import MigrationPolicy
+from libvirt_operator.nodes import Fleet
+from libvirt_operator.scheduler import WriteStatus
+from libvirt_operator.spec import SpecError, VMSpec, parse_spec
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST_SECONDS = 30.0
+RETRY_MAX_SECONDS = 300.0
+TERMINAL = (SUCCEEDED, FAILED)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    trigger: str
+    target: str | None
+    id: str
+    request: Mapping[str, Any] | None = None
+    """The VirtualMachineMigration asking, when one does."""
+
+
+def retry_delay(failures: int) -> float:
+    return min(RETRY_FIRST_SECONDS * 2 ** max(failures - 1, 0), RETRY_MAX_SECONDS)
+
+
+class MoveAdmission:
+    def __init__(self, kube: KubeClient, fleet: Fleet, ledger: placement.Ledger, bodies: Mapping[str, dict[str, Any]],
+                 policy: MigrationPolicy, write_status: WriteStatus, clock: Callable[[], datetime.datetime]) -> None:
+        self.kube = kube
+        self.fleet = fleet
+        self.ledger = ledger
+        self.bodies = bodies
+        self.policy = policy
+        self.write_status = write_status
+        self.clock = clock
+        self.requests: dict[str, dict[str, Any]] = {}
+        """Every VirtualMachineMigration, by uid, as last seen."""
+        self.waiting: set[str] = set()
+        """VMs whose move waits for room under the parallel bounds (or for a retry)."""
+        self._failure_seen: dict[tuple[str, str], float] = {}
+
+    # --- VirtualMachineMigrations ------------------------------------------------------------
+
+    def observe(self, event_type: str, body: Mapping[str, Any]) -> str | None:
+        """Keeps the request; returns the uid of the VM it names, when known."""
+        uid = body["metadata"]["uid"]
+        if event_type == "DELETED":
+            self.requests.pop(uid, None)
+        else:
+            self.requests[uid] = dict(body)
+        vm = self._vm_named(body["metadata"]["namespace"], (body.get("spec") or {}).get("vmName"))
+        return vm["metadata"]["uid"] if vm is not None else None
+
+    def _vm_named(self, namespace: str, name: str | None) -> dict[str, Any] | None:
+        return next((b for b in self.bodies.values()
+                     if b["metadata"]["namespace"] == namespace and b["metadata"]["name"] == name), None)
+
+    def _open_requests(self, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+        meta = body["metadata"]
+        found = [r for r in self.requests.values() if r["metadata"]["namespace"] == meta["namespace"]
+                 and (r.get("spec") or {}).get("vmName") == meta["name"]
+                 and (r.get("status") or {}).get("phase") not in TERMINAL]
+        return sorted(found, key=lambda r: (r["metadata"].get("creationTimestamp", ""), r["metadata"]["name"]))
+
+    async def fail_orphan_requests(self) -> None:
+        """Requests naming no VirtualMachine fail at once: a request is never reused."""
+        for request in list(self.requests.values()):
+            meta, spec = request["metadata"], request.get("spec") or {}
+            if (request.get("status") or {}).get("phase") in TERMINAL:
+                continue
+            if self._vm_named(meta["namespace"], spec.get("vmName")) is None:
+                await self._set_request(request, {"phase": FAILED, "endTime": self._now(),
+                                                  "message": f"VirtualMachine {spec.get('vmName')} not found"})
+
+    async def _set_request(self, request: dict[str, Any], status: dict[str, Any]) -> None:
+        old = request.get("status") or {}
+        if all(old.get(key) == value for key, value in status.items()):
+            return
+        meta = request["metadata"]
+        await self.kube.patch_migration_status(meta["namespace"], meta["name"], status)
+        request["status"] = {**old, **status}
+
+    async def _mirror(self, body: Mapping[str, Any]) -> None:
+        """Each open request of the VM reads what became of its move, or why it waits."""
+        move = Move.of(body.get("status") or {})
+        for position, request in enumerate(self._open_requests(body)):
+            if move is not None and move.id == request["metadata"]["uid"]:
+                status = {"phase": move.phase, "sourceNode": move.source, "targetNode": move.target,
+                          "startTime": move.start_time, "endTime": move.end_time, "message": move.message or None,
+                          "downtimeMilliseconds": move.downtime_ms, "dataTotalBytes": move.data_total,
+                          "dataProcessedBytes": move.data_processed}
+                await self._set_request(request, {k: v for k, v in status.items() if v is not None})
+            elif position > 0 or (move is not None and move.active):
+                await self._set_request(request, {"phase": "Pending", "message": "waiting for the VM's move in flight"})
+
+    # --- the duty ------------------------------------------------------------------------------
+
+    async def duty(self, body: dict[str, Any]) -> bool:
+        """True when it wrote the VM (the watch brings the new body)."""
+        await self._mirror(body)
+        if body["metadata"].get("deletionTimestamp"):
+            return False
+        status = body.get("status") or {}
+        last = Move.of(status)
+        if last is not None and last.active:
+            return False
+        wanted = await self._wanted(body)
+        if wanted is None:
+            self.waiting.discard(body["metadata"]["uid"])
+            return False
+        uid = body["metadata"]["uid"]
+        if last is not None and last.phase == FAILED and last.id == wanted.id and wanted.request is None:
+            seen = self._failure_seen.setdefault((uid, last.end_time or ""), time.monotonic())
+            if time.monotonic() - seen < retry_delay(last.failures):
+                self.waiting.add(uid)
+                return False
+        source = status["nodeName"]
+        if not self._room(source, wanted.target):
+            self.waiting.add(uid)
+            return False
+        self.waiting.discard(uid)
+        failures = last.failures if last is not None and last.phase == FAILED and last.id == wanted.id else 0
+        move = Move(id=wanted.id, trigger=wanted.trigger, source=source, target=wanted.target or "", phase=SCHEDULED,
+                    migration_name=wanted.request["metadata"]["name"] if wanted.request else None,
+                    start_time=self._now(), failures=failures)
+        await self.write_status(body, with_move(status, move), body["metadata"]["resourceVersion"])
+        log.info("move of %s/%s scheduled: %s -> %s (%s)", body["metadata"]["namespace"], body["metadata"]["name"],
+                 source, move.target, move.trigger)
+        return True
+
+    def in_flight(self) -> Iterator[Move]:
+        for body in self.bodies.values():
+            move = Move.of(body.get("status") or {})
+            if move is not None and move.active:
+                yield move
+
+    def _room(self, source: str, target: str | None) -> bool:
+        moves = list(self.in_flight())
+        per_node = self.policy.parallel_per_node
+        return (len(moves) < self.policy.parallel_per_cluster
+                and sum(source in (m.source, m.target) for m in moves) < per_node
+                and sum(target in (m.source, m.target) for m in moves) < per_node)
+
+    async def _wanted(self, body: Mapping[str, Any]) -> Wanted | None:
+        status, spec, meta = body.get("status") or {}, body.get("spec") or {}, body["metadata"]
+        placed = status.get("nodeName")
+        requests = self._open_requests(body)
+        request = requests[0] if requests else None
+        why_not = self._why_not_movable(body, placed)
+        if why_not is not None:
+            if request is not None:
+                await self._set_request(request, {"phase": FAILED, "endTime": self._now(), "message": why_not})
+            return None
+        parsed = parse_spec(spec)
+        pinned = spec.get("nodeName")
+        if pinned and pinned != placed:
+            return self._checked(Wanted(NODE_NAME, pinned, f"nodeName-{meta.get('generation', 1)}"), parsed, placed)
+        if request is not None:
+            wanted = self._checked(Wanted(MIGRATION, (request.get("spec") or {}).get("targetNode"),
+                                          request["metadata"]["uid"], request), parsed, placed)
+            if wanted is None:
+                await self._set_request(request, {"phase": FAILED, "endTime": self._now(),
+                                                  "message": self._target_problem(request, parsed, placed)})
+            return wanted
+        node = self.fleet.nodes.get(placed)
+        if node is not None and node.spec.get("drain") and not pinned:
+            return self._checked(Wanted(DRAIN, None, f"drain-{placed}"), parsed, placed)
+        return None
+
+    def _why_not_movable(self, body: Mapping[str, Any], placed: str | None) -> str | None:
+        status = body.get("status") or {}
+        if not placed or not self.fleet.live(placed):
+            return f"the VM runs on no live node (status.nodeName {placed!r})"
+        state = (status.get("domain") or {}).get("state")
+        if state not in LIVE_STATES:
+            return f"the VM is not running (its domain is {state or 'not defined'}): only a running VM moves live"
+        try:
+            parsed = parse_spec(body.get("spec") or {})
+        except SpecError as error:
+            return f"the spec is invalid: {error}"
+        reason = not_migratable(parsed)
+        return reason[1] if reason is not None else None
+
+    def _checked(self, wanted: Wanted, spec: VMSpec, source: str) -> Wanted | None:
+        """The wanted move with its target: the one named if it can take the VM, else the placement's pick."""
+        if wanted.target is not None:
+            return wanted if self._target_problem_for(wanted.target, spec, source) is None else None
+        offers = [offer for offer in placement.node_offers(self.fleet.nodes.values())
+                  if offer.name != source and self._published(offer.name)]
+        choice = placement.choose(placement.request_of(spec), offers, self.ledger)
+        if choice.node is None:
+            return None
+        return Wanted(wanted.trigger, choice.node, wanted.id, wanted.request)
+
+    def _published(self, node: str) -> bool:
+        view = self.fleet.nodes.get(node)
+        return view is not None and bool((view.status.get("migration") or {}).get("uri"))
+
+    def _target_problem_for(self, target: str, spec: VMSpec, source: str) -> str | None:
+        if target == source:
+            return f"the VM already runs on {target}"
+        if not self.fleet.live(target):
+            return f"node {target} has no live libvirt-operator agent"
+        if not self._published(target):
+            return f"node {target} publishes no migration URI (its agent's --migration-uri)"
+        offered = frozenset((self.fleet.nodes[target].status.get("offers") or {}).get("pools") or ())
+        missing = volume_pools(spec) - offered
+        if missing:
+            return f"node {target} lacks the storage pool(s) {', '.join(sorted(missing))} the VM's volumes are in"
+        return None
+
+    def _target_problem(self, request: Mapping[str, Any], spec: VMSpec, source: str) -> str:
+        target = (request.get("spec") or {}).get("targetNode")
+        if target is not None:
+            return self._target_problem_for(target, spec, source) or f"node {target} cannot take the VM"
+        offers = [offer for offer in placement.node_offers(self.fleet.nodes.values()) if offer.name != source]
+        return placement.choose(placement.request_of(spec), offers, self.ledger).message
+
+    def _now(self) -> str:
+        return format_time(self.clock())

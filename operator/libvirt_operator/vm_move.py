@@ -1,0 +1,289 @@
+"""A move, the two agents' side (migration.py has the phases): the target prepares, the source migrates,
+watches the job against its timeouts, and hands the VM over by writing `status.nodeName`.
+
+Each hand-over is a status patch with a resourceVersion precondition (the target's TargetReady, the
+source's Running), so a step decided on a stale body loses; from Running to the end only the source writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+from libvirt_operator import guest, guest_migration
+from libvirt_operator.guest_migration import Destination, JobProgress, TargetNotEmpty
+from libvirt_operator.libvirt_errors import LibvirtError
+from libvirt_operator.migration import (
+    FAILED, RUNNING, SCHEDULED, SUCCEEDED, TARGET_READY, Move, completion_timeout, migrating_condition, with_move,
+)
+from libvirt_operator.nodes import Role
+from libvirt_operator.reconcile import Event, format_time
+from libvirt_operator.scheduler import with_condition
+from libvirt_operator.spec import SpecError
+from libvirt_operator.vm_run import VMRun, stalled
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+PROGRESS_WRITE_SECONDS = 10.0
+
+
+def _now(run: VMRun) -> str:
+    return format_time(run.agent.clock())
+
+
+async def _write_move(run: VMRun, move: Move, *, precondition: bool) -> None:
+    """The VM's status with `move` as its migration block, nothing else changed."""
+    body = run.body
+    status = with_move(body.get("status") or {}, move)
+    await run.agent.status.write(body, status, body["metadata"]["resourceVersion"] if precondition else None)
+    run.view = replace(run.view, status=body.get("status") or status)
+
+
+# --- the target ------------------------------------------------------------------------------------
+
+async def prepare(run: VMRun, move: Move) -> None:
+    """Scheduled here: the VM's files checked and its own disks created fresh, then TargetReady; or Failed
+    saying what this node lacks."""
+    if move.phase != SCHEDULED:
+        return
+    agent = run.agent
+    try:
+        if run.spec is None:
+            raise SpecError("spec", run.problem.message if run.problem else "the spec is being deleted")
+        secrets = await run.user_data()
+        created = await agent.host.call(guest_migration.prepare_incoming, run.spec, run.ref, agent.settings, secrets.get)
+    except (SpecError, TargetNotEmpty, LibvirtError) as error:
+        await _write_move(run, replace(move, phase=FAILED, end_time=_now(run), failures=move.failures + 1,
+                                       message=f"node {move.target} cannot take the VM: {error}"), precondition=True)
+        return
+    log.info("prepared %s/%s for its move from %s: %s", run.ref.namespace, run.ref.name, move.source,
+             ", ".join(created) or "nothing to create")
+    await _write_move(run, replace(move, phase=TARGET_READY), precondition=True)
+
+
+async def clean_incoming(run: VMRun, move: Move, cleaned: set[tuple[str, str]]) -> None:
+    """The move here failed: whatever it left (prepared disks, a domain libvirt did not remove) goes, once."""
+    if (run.ref.uid, move.id) in cleaned:
+        return
+    removed = await run.agent.host.call(guest.undefine_and_delete, run.ref.uid, run.agent.settings)
+    cleaned.add((run.ref.uid, move.id))
+    if removed:
+        log.info("the move of %s/%s here failed; removed %s", run.ref.namespace, run.ref.name, ", ".join(removed))
+
+
+async def note_downtime(run: VMRun, move: Move) -> None:
+    """The first reconcile after a move here: the downtime this libvirtd measured goes into the move's record
+    (written with the status the reconcile writes anyway)."""
+    downtime = await run.agent.host.call(guest_migration.incoming_downtime_ms, run.ref.uid)
+    if downtime is not None:
+        run.view = replace(run.view, status=with_move(run.view.status, replace(move, downtime_ms=downtime)))
+
+
+# --- the source ------------------------------------------------------------------------------------
+
+class Outbound:
+    """The source's part of one move: returns True when it dealt with the VM this round (no converge)."""
+
+    def __init__(self, run: VMRun, move: Move, first_seen: float) -> None:
+        self.run = run
+        self.move = move
+        self.first_seen = first_seen
+        self.policy = run.agent.settings.migration
+
+    @property
+    def agent(self) -> Any:
+        return self.run.agent
+
+    async def step(self) -> bool:
+        if self.move.phase == SCHEDULED:
+            return await self._await_target()
+        fresh = self.move.phase == TARGET_READY
+        if fresh:
+            self.move = replace(self.move, phase=RUNNING)
+            await _write_move(self.run, self.move, precondition=True)
+            await self.agent.status.post_events(self.run.body, [Event(
+                "Normal", "Migrating", f"moving live from {self.move.source} to {self.move.target}")])
+        await self._migrate(fresh)
+        return True
+
+    async def _await_target(self) -> bool:
+        waited = time.monotonic() - self.first_seen
+        left = self.policy.prepare_timeout_seconds - waited
+        if left > 0:
+            self.agent.queue.add_after(self.run.ref.uid, left)
+            return False
+        await self._failed(f"node {self.move.target}'s agent did not prepare within "
+                           f"{self.policy.prepare_timeout_seconds:g}s")
+        return True
+
+    def _destination(self) -> Destination:
+        node = self.agent.fleet.nodes.get(self.move.target)
+        published = (node.status.get("migration") if node is not None else None) or {}
+        if not published.get("uri"):
+            raise SpecError("status.migration.target", f"node {self.move.target} publishes no migration URI "
+                            "(its agent's --migration-uri)")
+        return Destination(published["uri"], published.get("address"), self.policy.tls)
+
+    async def _migrate(self, fresh: bool) -> None:
+        """Runs the migration (or, after a restart of this agent, waits for the one libvirt still runs), then
+        settles the outcome by what this host holds: the guest gone means the target runs it."""
+        host, uid = self.agent.host, self.run.ref.uid
+        began = time.monotonic()
+        why: str | None = None
+        if fresh and await host.call(guest_migration.job_progress, uid) is None:
+            try:
+                destination = self._destination()
+            except SpecError as error:
+                why = str(error)
+            else:
+                limit = self._completion_limit() + self.policy.progress_timeout_seconds
+                job = asyncio.create_task(host.call(guest_migration.migrate, uid, destination, timeout=limit))
+                try:
+                    why = await self._watch(job)
+                    await job
+                except LibvirtError as error:
+                    why = why or str(error)
+                finally:
+                    if not job.done():
+                        job.cancel()
+        else:
+            why = await self._watch(None)
+        await self._settle(why)
+        if await host.call(guest_migration.holds, uid):
+            await self._failed(why or "the move ended without the target running the guest")
+        else:
+            await self._succeeded(time.monotonic() - began)
+
+    async def _settle(self, why: str | None) -> None:
+        """Waits until libvirt runs no job on the guest (aborting it when the move is given up): only then does
+        what this host holds tell the outcome."""
+        host, uid = self.agent.host, self.run.ref.uid
+        while await host.call(guest_migration.job_progress, uid) is not None:
+            if why is not None:
+                await host.call(guest_migration.abort_job, uid)
+            await asyncio.sleep(POLL_SECONDS)
+
+    def _completion_limit(self) -> float:
+        spec = self.run.spec
+        memory = spec.memory if spec is not None else 0
+        return completion_timeout(self.policy.completion_timeout_per_gib_seconds, memory, 0)
+
+    async def _watch(self, job: asyncio.Task[None] | None) -> str | None:
+        """Polls the job until it ends; aborts it past a timeout or when the VM is deleted, saying why."""
+        host, uid = self.agent.host, self.run.ref.uid
+        began, best, best_at, written_at = time.monotonic(), None, time.monotonic(), time.monotonic()
+        while True:
+            if job is not None:
+                await asyncio.wait({job}, timeout=POLL_SECONDS)
+                if job.done():
+                    return None
+            else:
+                await asyncio.sleep(POLL_SECONDS)
+            progress: JobProgress | None = await host.call(guest_migration.job_progress, uid)
+            if progress is None:
+                if job is None:
+                    return None
+                continue
+            now = time.monotonic()
+            if best is None or progress.remaining < best:
+                best, best_at = progress.remaining, now
+            why = self._abort_reason(now - best_at, now - began)
+            if why is not None:
+                await host.call(guest_migration.abort_job, uid)
+                return why
+            if now - written_at >= PROGRESS_WRITE_SECONDS:
+                written_at = now
+                self.move = replace(self.move, data_total=progress.total, data_processed=progress.processed)
+                await self._report_progress()
+
+    def _abort_reason(self, stalled: float, elapsed: float) -> str | None:
+        body = self.agent.bodies.get(self.run.ref.uid)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return "the VM is being deleted"
+        if stalled > self.policy.progress_timeout_seconds:
+            return f"no progress for {stalled:.0f}s (progress timeout {self.policy.progress_timeout_seconds:g}s)"
+        limit = self._completion_limit()
+        if elapsed > limit:
+            return f"not complete after {elapsed:.0f}s (completion timeout {limit:g}s)"
+        return None
+
+    async def _report_progress(self) -> None:
+        try:
+            await _write_move(self.run, self.move, precondition=False)
+        except Exception as error:  # the move goes on whether the API server hears of its progress or not
+            log.info("progress of the move of %s not written: %s", self.run.ref.name, error)
+
+    async def _succeeded(self, seconds: float) -> None:
+        """The target runs the guest and this host holds no domain of it: its own disks go, then the hand-over."""
+        run, move = self.run, replace(self.move, phase=SUCCEEDED, end_time=_now(self.run), failures=0, message="")
+        await self.agent.host.call(guest.undefine_and_delete, run.ref.uid, self.agent.settings)
+        self.move = move
+        status = dict(run.body.get("status") or {})
+        status["nodeName"] = move.target
+        status["lifecycle"] = {k: v for k, v in (status.get("lifecycle") or {}).items() if k != "definitionDigest"}
+        generation = run.view.generation
+        status = with_condition(with_move(status, move), "Migrating", "False", *migrating_condition(move)[1:],
+                                run.agent.clock(), generation)
+        await self.agent.status.write(run.body, status)
+        await self.agent.status.post_events(run.body, [Event(
+            "Normal", "Migrated", f"moved live from {move.source} to {move.target} in {seconds:.1f}s")])
+
+    async def _failed(self, why: str) -> None:
+        move = replace(self.move, phase=FAILED, end_time=_now(self.run), failures=self.move.failures + 1, message=why)
+        self.move = move
+        run = self.run
+        run.view = replace(run.view, status=with_move(run.view.status, move))
+        await self.agent.status.write(run.body, run.decide_now().status)
+        await self.agent.status.post_events(run.body, [Event(
+            "Warning", "MigrationFailed", f"the move from {move.source} to {move.target} failed: {why}; "
+            f"the guest runs on {move.source}")])
+
+
+# --- which step an agent owes a VM's move ----------------------------------------------------------
+
+class MoveSteps:
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.first_seen: dict[tuple[str, str], float] = {}
+        """When this agent first saw each move Scheduled (its own clock: the prepare timeout runs from here)."""
+        self.cleaned: set[tuple[str, str]] = set()
+        self.noted: set[tuple[str, str]] = set()
+
+    async def reconcile(self, run: VMRun, role: Role) -> bool:
+        """Takes this agent's step of the VM's move, if it owes one; True when nothing else is to be done now."""
+        me, uid = self.agent.settings.node_name, run.ref.uid
+        move = Move.of(run.view.status)
+        if role is Role.INCOMING:
+            await prepare(run, move)
+            return True
+        if role is Role.CLEAN_INCOMING:
+            await clean_incoming(run, move, self.cleaned)
+            return True
+        if move is not None and move.active and move.source == me:
+            first = self.first_seen.setdefault((uid, f"{move.id}@{move.start_time}"), time.monotonic())
+            return await Outbound(run, move, first).step()
+        if move is not None and move.phase == SUCCEEDED and move.target == me and move.downtime_ms is None \
+                and (uid, move.id) not in self.noted:
+            self.noted.add((uid, move.id))
+            await note_downtime(run, move)
+        if role is Role.RELEASE and self._running_here(uid):
+            self._refuse_unmovable(run)
+            await run.converge()  # it moves live: the elected agent schedules the move
+            return True
+        return False
+
+    def _running_here(self, uid: str) -> bool:
+        snapshot = self.agent.cache.get(uid)
+        return snapshot is not None and snapshot.active
+
+    def _refuse_unmovable(self, run: VMRun) -> None:
+        if run.problem is not None or run.view.not_migratable is None:
+            return
+        me, target = self.agent.settings.node_name, run.spec_dict.get("nodeName")
+        run.problem = stalled(SpecError("spec.nodeName", (
+            f"the VM cannot move live from {me} to {target}: {run.view.not_migratable[1]}; set spec.nodeName back "
+            f"to {me}, or stop the VM (runStrategy Halted) to move it cold")))
