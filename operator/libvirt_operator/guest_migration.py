@@ -59,6 +59,8 @@ class Destination:
     address: str | None = None
     """Where the target receives the migration and disk streams; None: libvirt's default (the target's hostname)."""
     tls: bool = False
+    bandwidth_mib: int = 0
+    """0: no limit."""
 
 
 def migrate(conn: libvirt.virConnect, uuid: str, destination: Destination) -> None:
@@ -68,6 +70,8 @@ def migrate(conn: libvirt.virConnect, uuid: str, destination: Destination) -> No
     disks = owned_disk_targets(domain.XMLDesc(0), uuid)
     params: dict[str, object] = {}
     flags = MOVE_FLAGS | (libvirt.VIR_MIGRATE_TLS if destination.tls else 0)
+    if destination.bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = destination.bandwidth_mib
     if disks:
         params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = disks
         flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC

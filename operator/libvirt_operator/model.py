@@ -73,6 +73,8 @@ class MigrationPolicy:
     parallel_per_cluster: int = 5
     prepare_timeout_seconds: float = 120.0
     """A target whose agent has not prepared within this long fails the move."""
+    bandwidth_mib: int = 0
+    """The most one move may send per second (MiB/s); 0: no limit."""
     tls: bool = False
     """The migration stream over TLS (VIR_MIGRATE_TLS); libvirt's own connection is TLS by its URI (qemu+tls)."""
 

@@ -85,6 +85,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         default=moves.completion_timeout_per_gib_seconds,
                         help="abort a move taking longer than this many seconds per GiB of memory and copied disk "
                              "(default 150)")
+    parser.add_argument("--migration-bandwidth", type=int, default=moves.bandwidth_mib,
+                        help="the most one move may send per second, in MiB/s (default 0: no limit)")
     parser.add_argument("--parallel-migrations-per-node", type=int, default=moves.parallel_per_node,
                         help="moves in flight from or to one node at a time (default 2)")
     parser.add_argument("--parallel-migrations-per-cluster", type=int, default=moves.parallel_per_cluster,
@@ -134,7 +136,7 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
             progress_timeout_seconds=args.migration_progress_timeout,
             completion_timeout_per_gib_seconds=args.migration_completion_timeout_per_gib,
             parallel_per_node=args.parallel_migrations_per_node, parallel_per_cluster=args.parallel_migrations_per_cluster,
-            tls=args.migration_tls),
+            bandwidth_mib=args.migration_bandwidth, tls=args.migration_tls),
         placement=PlacementPolicy(
             cpu_allocation_ratio=args.cpu_allocation_ratio, memory_allocation_ratio=args.memory_allocation_ratio,
             vm_memory_overhead=args.vm_memory_overhead, capacity_vcpus=args.capacity_vcpus,

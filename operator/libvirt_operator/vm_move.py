@@ -126,7 +126,7 @@ class Outbound:
         if not published.get("uri"):
             raise SpecError("status.migration.target", f"node {self.move.target} publishes no migration URI "
                             "(its agent's --migration-uri)")
-        return Destination(published["uri"], published.get("address"), self.policy.tls)
+        return Destination(published["uri"], published.get("address"), self.policy.tls, self.policy.bandwidth_mib)
 
     async def _migrate(self, fresh: bool) -> None:
         """Runs the migration (or, after a restart of this agent, waits for the one libvirt still runs), then
