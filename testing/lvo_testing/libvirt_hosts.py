@@ -53,6 +53,13 @@ class BedHost:
         return subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True, check=check,
                               timeout=120).stdout
 
+    def migrate_live(self, domain: str, destination: BedHost, *flags: str) -> subprocess.CompletedProcess[str]:
+        """`virsh migrate --live --p2p` of `domain` to `destination`, the stream to its address on the bed's
+        network; for a guest with its own disks, `flags` adds what tests/test_libvirt_hosts_e2e.py shows."""
+        return subprocess.run(["virsh", "-c", self.uri, "migrate", "--live", "--p2p", *flags, domain,
+                               destination.tcp_uri, "--migrateuri", f"tcp://{destination.address}",
+                               "--listen-address", destination.address], capture_output=True, text=True, timeout=600)
+
     def run(self, *command: str) -> str:
         """A command inside the host's namespaces (paths as its libvirtd sees them)."""
         return subprocess.run([*self.libvirt.enter(), *command], capture_output=True, text=True, check=True,
