@@ -55,6 +55,10 @@ GUEST_MODULES = (
     "button", "evdev", "virtio_net",
 )
 BOOT_MARKER = "LVO-GUEST-BOOTED"
+# Where the counter guest keeps its counts on its disk: count n in 512-byte slot n % COUNTER_SLOTS from
+# COUNTER_OFFSET on, past the base disk's marker (which stays readable).
+COUNTER_OFFSET = 1024 * 1024
+COUNTER_SLOTS = 2048
 
 
 def _virsh(*args: str, uri: str = SYSTEM_URI, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -233,6 +237,13 @@ class GuestImage:
     `LVO-DISK <dev> <first 64 printable bytes>` for every block device, `LVO-CIDATA <first line
     of user-data>` for an ISO9660 seed labelled cidata, and powers off after `lvo.poweroff=N`
     seconds when given; an ACPI power button press powers it off at once.
+
+    With `lvo.counter=1` it then counts, every 0.2 s from 1 at each boot: it reads back count n-1 from
+    /dev/vda (`lvo.counterdisk=vdX` names another disk), prints `LVO-COUNT <n> disk=<what it read, or
+    none>` on the serial console, then writes n to its own slot (COUNTER_SLOTS slots of 512 bytes from
+    COUNTER_OFFSET; reads and writes pass the page cache, writes are synced): earlier counts stay on the
+    disk, where a test can read them from the host. A guest that went on has counts that only grow and
+    one `LVO-GUEST-BOOTED` line; `lvo_testing.guest_counter` reads both.
     """
 
     kernel: Path
@@ -240,7 +251,8 @@ class GuestImage:
     disk: Path
     disk_marker: str
 
-    def cmdline(self, marker: str = "", poweroff_after: int | None = None) -> str:
+    def cmdline(self, marker: str = "", poweroff_after: int | None = None, counter: bool = False,
+                counter_disk: str | None = None) -> str:
         # no_timer_check: a vCPU starved by other guests (50 booting on 2 cores) fails the kernel's
         # IO-APIC timer check, which then panics ("IO-APIC + timer doesn't work!") or hangs the boot.
         parts = ["console=ttyS0", "quiet", "panic=-1", "no_timer_check"]
@@ -248,6 +260,10 @@ class GuestImage:
             parts.append(f"lvo.marker={marker}")
         if poweroff_after is not None:
             parts.append(f"lvo.poweroff={poweroff_after}")
+        if counter:
+            parts.append("lvo.counter=1")
+        if counter_disk:
+            parts.append(f"lvo.counterdisk={counter_disk}")
         return " ".join(parts)
 
 
@@ -257,11 +273,13 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /etc/modules-order); do insmod "/lib/modules/$m" 2>/dev/null; done
-marker=""; poweroff_after=""
+marker=""; poweroff_after=""; counter=""; counter_disk="vda"
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     lvo.marker=*) marker="${arg#lvo.marker=}" ;;
     lvo.poweroff=*) poweroff_after="${arg#lvo.poweroff=}" ;;
+    lvo.counter=*) counter="${arg#lvo.counter=}" ;;
+    lvo.counterdisk=*) counter_disk="${arg#lvo.counterdisk=}" ;;
   esac
 done
 echo "LVO-GUEST-BOOTED $marker" > /dev/ttyS0
@@ -281,13 +299,25 @@ for path in /sys/block/vd* /sys/block/sd* /sys/block/sr*; do
   fi
 done
 echo "LVO-GUEST-READY $marker" > /dev/ttyS0
+if [ "$counter" = 1 ]; then
+  (
+    n=1
+    while true; do
+      was=$(dd if="/dev/$counter_disk" bs=512 skip=$((COUNTER_SECTOR + (n - 1) % COUNTER_SLOTS)) count=1 iflag=direct 2>/dev/null | tr -cd '0-9')
+      echo "LVO-COUNT $n disk=${was:-none}" > /dev/ttyS0
+      printf '%-511s\n' "$n" | dd of="/dev/$counter_disk" bs=512 seek=$((COUNTER_SECTOR + n % COUNTER_SLOTS)) count=1 oflag=direct conv=notrunc,fsync 2>/dev/null
+      n=$((n + 1))
+      sleep 0.2
+    done
+  ) &
+fi
 if [ -n "$poweroff_after" ]; then
   sleep "$poweroff_after"
   echo "LVO-GUEST-POWEROFF $marker" > /dev/ttyS0
   poweroff -f
 fi
 while true; do sleep 3600; done
-"""
+""".replace("COUNTER_SECTOR", str(COUNTER_OFFSET // 512)).replace("COUNTER_SLOTS", str(COUNTER_SLOTS))
 
 
 def _module_order(kernel_release: str, wanted: tuple[str, ...]) -> list[str]:

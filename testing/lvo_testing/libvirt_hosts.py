@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lvo_testing import node_cleanup
 from lvo_testing.agent_process import AgentProcess
-from lvo_testing.node_cleanup import HOSTS_STATE
+from lvo_testing.node_cleanup import HOSTS_STATE, LIBVIRT_DIRS
 from lvo_testing.node_host import NodeHost
 
 SUBNET = "10.215.0"
@@ -52,6 +52,25 @@ class BedHost:
     def virsh(self, *args: str, check: bool = True) -> str:
         return subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True, check=check,
                               timeout=120).stdout
+
+    def migrate_live(self, domain: str, destination: BedHost, *flags: str) -> subprocess.CompletedProcess[str]:
+        """`virsh migrate --live --p2p` of `domain` to `destination`, the stream to its address on the bed's
+        network; for a guest with its own disks, `flags` adds what tests/test_libvirt_hosts_e2e.py shows."""
+        return subprocess.run(["virsh", "-c", self.uri, "migrate", "--live", "--p2p", *flags, domain,
+                               destination.tcp_uri, "--migrateuri", f"tcp://{destination.address}",
+                               "--listen-address", destination.address], capture_output=True, text=True, timeout=600)
+
+    def run(self, *command: str) -> str:
+        """A command inside the host's namespaces (paths as its libvirtd sees them)."""
+        return subprocess.run([*self.libvirt.enter(), *command], capture_output=True, text=True, check=True,
+                              timeout=120).stdout
+
+    def path(self, inside: str | Path) -> Path:
+        """Where the file the host sees at `inside`, below one of its libvirt directories, lives on the machine."""
+        for mounted_at in LIBVIRT_DIRS:
+            if Path(inside).is_relative_to(mounted_at):
+                return self.libvirt.dir(mounted_at) / Path(inside).relative_to(mounted_at)
+        raise ValueError(f"{inside}: not in the host's own directories {LIBVIRT_DIRS}")
 
 
 class LibvirtHosts:
