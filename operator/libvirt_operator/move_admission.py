@@ -105,6 +105,9 @@ class MoveAdmission:
     async def _mirror(self, body: Mapping[str, Any]) -> None:
         """Each open request of the VM reads what became of its move, or why it waits."""
         move = Move.of(body.get("status") or {})
+        own = self.requests.get(move.id) if move is not None else None
+        if own is not None and own not in self._open_requests(body):  # ended: the target's downtime comes later
+            await self._set_request(own, {"downtimeMilliseconds": move.downtime_ms} if move.downtime_ms else {})
         for position, request in enumerate(self._open_requests(body)):
             if move is not None and move.id == request["metadata"]["uid"]:
                 status = {"phase": move.phase, "sourceNode": move.source, "targetNode": move.target,
@@ -127,10 +130,13 @@ class MoveAdmission:
         if last is not None and last.active:
             return False
         wanted = await self._wanted(body)
-        if wanted is None:
-            self.waiting.discard(body["metadata"]["uid"])
-            return False
         uid = body["metadata"]["uid"]
+        if wanted is None:
+            if self._open_requests(body):  # a request waits for a node with room
+                self.waiting.add(uid)
+            else:
+                self.waiting.discard(uid)
+            return False
         if last is not None and last.phase == FAILED and last.id == wanted.id and wanted.request is None:
             seen = self._failure_seen.setdefault((uid, last.end_time or ""), time.monotonic())
             if time.monotonic() - seen < retry_delay(last.failures):
@@ -181,8 +187,7 @@ class MoveAdmission:
             wanted = self._checked(Wanted(MIGRATION, (request.get("spec") or {}).get("targetNode"),
                                           request["metadata"]["uid"], request), parsed, placed)
             if wanted is None:
-                await self._set_request(request, {"phase": FAILED, "endTime": self._now(),
-                                                  "message": self._target_problem(request, parsed, placed)})
+                await self._refuse(request, parsed, placed)
             return wanted
         node = self.fleet.nodes.get(placed)
         if node is not None and node.spec.get("drain") and not pinned:
@@ -231,12 +236,16 @@ class MoveAdmission:
             return f"node {target} lacks the storage pool(s) {', '.join(sorted(missing))} the VM's volumes are in"
         return None
 
-    def _target_problem(self, request: Mapping[str, Any], spec: VMSpec, source: str) -> str:
+    async def _refuse(self, request: dict[str, Any], spec: VMSpec, source: str) -> None:
+        """A named target that cannot take the VM fails the request; with no target named, it waits for room."""
         target = (request.get("spec") or {}).get("targetNode")
         if target is not None:
-            return self._target_problem_for(target, spec, source) or f"node {target} cannot take the VM"
+            problem = self._target_problem_for(target, spec, source) or f"node {target} cannot take the VM"
+            await self._set_request(request, {"phase": FAILED, "endTime": self._now(), "message": problem})
+            return
         offers = [offer for offer in placement.node_offers(self.fleet.nodes.values()) if offer.name != source]
-        return placement.choose(placement.request_of(spec), offers, self.ledger).message
+        why = placement.choose(placement.request_of(spec), offers, self.ledger).message
+        await self._set_request(request, {"phase": "Pending", "message": f"no node can take the VM yet: {why}"})
 
     def _now(self) -> str:
         return format_time(self.clock())

@@ -102,6 +102,8 @@ class Outbound:
         if self.move.phase == SCHEDULED:
             return await self._await_target()
         fresh = self.move.phase == TARGET_READY
+        log.info("move of %s/%s from %s to %s: %s", self.run.ref.namespace, self.run.ref.name, self.move.source,
+                 self.move.target, "starting" if fresh else "watching the migration libvirt runs")
         if fresh:
             self.move = replace(self.move, phase=RUNNING)
             await _write_move(self.run, self.move, precondition=True)
@@ -233,6 +235,8 @@ class Outbound:
             "Normal", "Migrated", f"moved live from {move.source} to {move.target} in {seconds:.1f}s")])
 
     async def _failed(self, why: str) -> None:
+        log.warning("move of %s/%s from %s to %s failed: %s", self.run.ref.namespace, self.run.ref.name,
+                    self.move.source, self.move.target, why)
         move = replace(self.move, phase=FAILED, end_time=_now(self.run), failures=self.move.failures + 1, message=why)
         self.move = move
         run = self.run
@@ -265,7 +269,9 @@ class MoveSteps:
             return True
         if move is not None and move.active and move.source == me:
             first = self.first_seen.setdefault((uid, f"{move.id}@{move.start_time}"), time.monotonic())
-            return await Outbound(run, move, first).step()
+            if not await Outbound(run, move, first).step():
+                await run.converge()  # still here while the target prepares: never released meanwhile
+            return True
         if move is not None and move.phase == SUCCEEDED and move.target == me and move.downtime_ms is None \
                 and (uid, move.id) not in self.noted:
             self.noted.add((uid, move.id))
