@@ -23,7 +23,7 @@ from libvirt_operator.nodes import Role
 from libvirt_operator.reconcile import Event, format_time
 from libvirt_operator.scheduler import with_condition
 from libvirt_operator.spec import SpecError
-from libvirt_operator.vm_run import VMRun, stalled
+from libvirt_operator.vm_run import VMRun
 
 log = logging.getLogger(__name__)
 
@@ -276,20 +276,24 @@ class MoveSteps:
                 and (uid, move.id) not in self.noted:
             self.noted.add((uid, move.id))
             await note_downtime(run, move)
-        if role is Role.RELEASE and self._running_here(uid):
-            self._refuse_unmovable(run)
-            await run.converge()  # it moves live: the elected agent schedules the move
+        if role is Role.RELEASE:  # spec.nodeName names another node
+            why = self._why_not_live(run)
+            if why is None:
+                await run.converge()  # it moves live: the elected agent schedules the move
+            else:
+                await run.release(why)
             return True
         return False
 
-    def _running_here(self, uid: str) -> bool:
-        snapshot = self.agent.cache.get(uid)
-        return snapshot is not None and snapshot.active
-
-    def _refuse_unmovable(self, run: VMRun) -> None:
-        if run.problem is not None or run.view.not_migratable is None:
-            return
-        me, target = self.agent.settings.node_name, run.spec_dict.get("nodeName")
-        run.problem = stalled(SpecError("spec.nodeName", (
-            f"the VM cannot move live from {me} to {target}: {run.view.not_migratable[1]}; set spec.nodeName back "
-            f"to {me}, or stop the VM (runStrategy Halted) to move it cold")))
+    def _why_not_live(self, run: VMRun) -> str | None:
+        """Why the VM cannot move live to the node spec.nodeName names, None when it can."""
+        snapshot = self.agent.cache.get(run.ref.uid)
+        if snapshot is None or not snapshot.active:
+            return "it is not running (only a running VM moves live)"
+        if run.view.not_migratable is not None:
+            return run.view.not_migratable[1]
+        target = run.spec_dict.get("nodeName")
+        view = self.agent.fleet.nodes.get(target)
+        if view is None or not (view.status.get("migration") or {}).get("uri"):
+            return f"node {target} takes no live moves (its agent publishes no --migration-uri)"
+        return None
