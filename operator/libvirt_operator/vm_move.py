@@ -294,6 +294,6 @@ class MoveSteps:
             return run.view.not_migratable[1]
         target = run.spec_dict.get("nodeName")
         view = self.agent.fleet.nodes.get(target)
-        if view is None or not (view.status.get("migration") or {}).get("uri"):
+        if view is not None and view.status.get("heartbeatTime") and not (view.status.get("migration") or {}).get("uri"):
             return f"node {target} takes no live moves (its agent publishes no --migration-uri)"
-        return None
+        return None  # a node not seen yet (or not announced yet) may take it: nothing goes until it is known
