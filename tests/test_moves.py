@@ -190,3 +190,18 @@ async def test_a_request_names_its_target_or_lets_the_placement_pick_and_reads_t
     await admit.duty(body)
     name, patch = recorder.request_writes[-1]
     assert name == "later" and patch["phase"] == "Succeeded" and patch["targetNode"] == "b"
+
+
+async def test_a_host_passthrough_cpu_moves_only_to_a_host_with_the_same_cpu_model() -> None:
+    hosts = (host("a"), host("b"), host("c"))
+    for body, model in zip(hosts, ("EPYC", "Xeon", "EPYC")):
+        body["status"]["hypervisor"] = {"cpuModel": model}
+    body = vm("x", "a", cpu={"mode": "host-passthrough"})
+    admit, recorder = admission(body, hosts=hosts)
+    admit.observe("ADDED", request("to-b", "x", target="b"))
+    assert not await admit.duty(body)
+    assert "host-passthrough" in recorder.request_writes[-1][1]["message"]
+    admit.requests["req-to-b"]["status"] = {"phase": "Failed"}
+    admit.observe("ADDED", request("any", "x", created="2026-12-06T11:30:00Z"))
+    assert await admit.duty(body)
+    assert body["status"]["migration"]["target"] == "c"

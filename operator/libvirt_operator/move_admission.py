@@ -212,8 +212,8 @@ class MoveAdmission:
         """The wanted move with its target: the one named if it can take the VM, else the placement's pick."""
         if wanted.target is not None:
             return wanted if self._target_problem_for(wanted.target, spec, source) is None else None
-        offers = [offer for offer in placement.node_offers(self.fleet.nodes.values())
-                  if offer.name != source and self._published(offer.name)]
+        offers = [offer for offer in placement.node_offers(self.fleet.nodes.values()) if offer.name != source
+                  and self._published(offer.name) and self._cpu_problem(spec, source, offer.name) is None]
         choice = placement.choose(placement.request_of(spec), offers, self.ledger)
         if choice.node is None:
             return None
@@ -223,6 +223,17 @@ class MoveAdmission:
         view = self.fleet.nodes.get(node)
         return view is not None and bool((view.status.get("migration") or {}).get("uri"))
 
+    def _cpu_problem(self, spec: VMSpec, source: str, target: str) -> str | None:
+        """A host-passthrough CPU is the source host's own: only a host with the same CPU model can give it."""
+        if spec.cpu.mode != "host-passthrough":
+            return None
+        models = [((self.fleet.nodes[n].status.get("hypervisor") or {}).get("cpuModel") if n in self.fleet.nodes
+                   else None) for n in (source, target)]
+        if models[0] is None or models[0] != models[1]:
+            return (f"the VM's CPU is host-passthrough (spec.cpu.mode) and node {target}'s CPU ({models[1]}) is not "
+                    f"node {source}'s ({models[0]})")
+        return None
+
     def _target_problem_for(self, target: str, spec: VMSpec, source: str) -> str | None:
         if target == source:
             return f"the VM already runs on {target}"
@@ -230,6 +241,9 @@ class MoveAdmission:
             return f"node {target} has no live libvirt-operator agent"
         if not self._published(target):
             return f"node {target} publishes no migration URI (its agent's --migration-uri)"
+        cpu = self._cpu_problem(spec, source, target)
+        if cpu is not None:
+            return cpu
         offered = frozenset((self.fleet.nodes[target].status.get("offers") or {}).get("pools") or ())
         missing = volume_pools(spec) - offered
         if missing:
