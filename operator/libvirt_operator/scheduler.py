@@ -139,6 +139,11 @@ class Scheduler:
             return
         await self._place(body, placement.request_of(parsed))
 
+    def _nodes_unconfirmed(self) -> bool:
+        """Some live node was not yet seen renewing (this agent has just started deciding): it may well take the VM
+        within a heartbeat, when the fleet's change looks at every waiting VM again; no Pending is written meanwhile."""
+        return any(view.live and not view.renewal_seen for view in self.fleet.nodes.values())
+
     def _live(self) -> list[str]:
         return sorted(name for name in self.fleet.nodes if self.fleet.live(name))
 
@@ -150,7 +155,8 @@ class Scheduler:
         self.decision_seconds += time.monotonic() - began
         if choice.node is None:
             self.waiting.add(uid)
-            await self._pending(body, "Unschedulable", choice.message)
+            if not self._nodes_unconfirmed():
+                await self._pending(body, "Unschedulable", choice.message)
             return
         self.waiting.discard(uid)
         self.ledger.place(uid, choice.node, placement.Offer.of(self.fleet.nodes[choice.node]).cost(request))
