@@ -256,7 +256,9 @@ class MoveSteps:
     async def reconcile(self, run: VMRun, role: Role) -> bool:
         """Takes this agent's step of the VM's move, if it owes one; True when nothing else is to be done now."""
         me, uid = self.agent.settings.node_name, run.ref.uid
-        move = Move.of(run.view.status)
+        # As the API server holds it: a step's write refused (409) stays in the agent's unwritten status, and
+        # the step must be taken again, not believed taken.
+        move = Move.of(run.body.get("status") or {})
         if role is Role.INCOMING:
             await prepare(run, move)
             return True
@@ -265,7 +267,9 @@ class MoveSteps:
             return True
         if move is not None and move.active and move.source == me:
             first = self.first_seen.setdefault((uid, f"{move.id}@{move.start_time}"), time.monotonic())
-            return await Outbound(run, move, first).step()
+            if await Outbound(run, move, first).step():
+                return True
+            # Waiting for the target: the guest runs on here as the role says (never release() a running guest).
         if move is not None and move.phase == SUCCEEDED and move.target == me and move.downtime_ms is None \
                 and (uid, move.id) not in self.noted:
             self.noted.add((uid, move.id))
