@@ -176,6 +176,7 @@ class Outbound:
         """Polls the job until it ends; aborts it past a timeout or when the VM is deleted, saying why."""
         host, uid = self.agent.host, self.run.ref.uid
         began, best, best_at, written_at = time.monotonic(), None, time.monotonic(), time.monotonic()
+        phase_total: int | None = None
         while True:
             if job is not None:
                 await asyncio.wait({job}, timeout=POLL_SECONDS)
@@ -189,8 +190,10 @@ class Outbound:
                     return None
                 continue
             now = time.monotonic()
-            if best is None or progress.remaining < best:
-                best, best_at = progress.remaining, now
+            # The owned disks are copied first, then memory: each has its own total, and what is left to send
+            # starts again from that total, so the lowest seen counts within one phase only.
+            if best is None or progress.total != phase_total or progress.remaining < best:
+                best, best_at, phase_total = progress.remaining, now, progress.total
             why = self._abort_reason(now - best_at, now - began)
             if why is not None:
                 await host.call(guest_migration.abort_job, uid)
