@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from libvirt_operator import guest, guest_migration
-from libvirt_operator.guest_migration import Destination, JobProgress, TargetNotEmpty
+from libvirt_operator.guest_migration import Destination, JobProgress, PeerLost, TargetNotEmpty
 from libvirt_operator.libvirt_errors import LibvirtError
 from libvirt_operator.migration import (
     FAILED, RUNNING, SCHEDULED, SUCCEEDED, TARGET_READY, Move, completion_timeout, migrating_condition, with_move,
@@ -145,7 +145,7 @@ class Outbound:
                 try:
                     why = await self._watch(job)
                     await job
-                except LibvirtError as error:
+                except (LibvirtError, PeerLost) as error:
                     why = why or str(error)
                 finally:
                     if not job.done():
