@@ -21,7 +21,7 @@ import pytest
 from e2e import get_vm, guest_spec, install_crds, vm_manifest, wait_until, wait_vm
 from lvo_testing.agent_process import AgentProcess
 from lvo_testing.controlplane import ControlPlane
-from lvo_testing.fleet_invariant import ENDED_PHASES, assert_fleet_invariant
+from lvo_testing.fleet_invariant import ENDED_PHASES, assert_fleet_invariant, ready_of
 from lvo_testing.guest_counter import counts, read_log, shows_reboot
 from lvo_testing.libvirt_env import GuestImage
 from lvo_testing.libvirt_hosts import BedHost, LibvirtHosts
@@ -81,12 +81,19 @@ class Moves:
 
     def start_move(self, name: str) -> None:
         """Asks the move by spec.nodeName and returns once it is mid-move: Running, the target's libvirtd holding
-        the incoming domain."""
+        the incoming domain. Ready reads True all along."""
         self.kubectl("patch", "vm", name, "-n", NAMESPACE, "--type=merge",
                      "-p", json.dumps({"spec": {"nodeName": self.target.name}}))
-        wait_until(lambda: self.phase(name) == "Running", timeout=120, every=0.3, what=f"{name}'s move Running")
+        readings: list[tuple[str | None, str | None]] = []
+
+        def running() -> bool:
+            status = self.status(name)
+            readings.append((ready_of(status), (status.get("migration") or {}).get("phase")))
+            return readings[-1][1] == "Running"
+        wait_until(running, timeout=120, every=0.3, what=f"{name}'s move Running")
         wait_until(lambda: f"{NAMESPACE}_{name}" in self.target.virsh("list", "--all", "--name").split(),
                    timeout=60, every=0.3, what="the target's libvirtd holds the incoming domain")
+        assert all(ready == "True" for ready, _ in readings), readings
 
     def ended(self, name: str, timeout: float = 240) -> dict:
         """The VM's status once its move ended (Succeeded or Failed)."""

@@ -100,13 +100,18 @@ def _status_untrue(vm: Mapping[str, Any], running_on: list[str]) -> list[str]:
         found.append(f"{name} runs on {running_on or 'no host'} (want exactly one)")
     elif status.get("nodeName") != running_on[0]:
         found.append(f"{name} runs on {running_on[0]}, its status.nodeName is {status.get('nodeName')}")
-    ready = next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    ready = ready_of(status)
     if ready != "True":
         found.append(f"{name}: Ready is {ready}")
     phase = (status.get("migration") or {}).get("phase")
     if phase is not None and phase not in ENDED_PHASES:
         found.append(f"{name}: status.migration.phase is {phase}, not ended")
     return found
+
+
+def ready_of(status: Mapping[str, Any]) -> str | None:
+    """The status of the Ready condition ("True", "False", "Unknown"), None without one."""
+    return next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
 
 
 def _name(vm: Mapping[str, Any]) -> str:
