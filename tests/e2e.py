@@ -31,13 +31,15 @@ def vm_manifest(name: str, namespace: str, **spec: Any) -> str:
                            "metadata": {"name": name, "namespace": namespace}, "spec": spec})
 
 
-def guest_spec(image: GuestImage, node: str, *, marker: str = "e2e", poweroff_after: int | None = None,
-               **extra: Any) -> dict[str, Any]:
-    """A real QEMU guest booting the busybox initramfs, console logged."""
-    return {"nodeName": node, "memory": "128Mi", "domainType": "qemu", "terminationGracePeriodSeconds": 5,
+def guest_spec(image: GuestImage, node: str | None, *, marker: str = "e2e", poweroff_after: int | None = None,
+               counter: bool = False, **extra: Any) -> dict[str, Any]:
+    """A real QEMU guest booting the busybox initramfs, console logged (counting, with `counter`: guest_counter.py);
+    placed by the operator when `node` is None."""
+    spec = {"nodeName": node, "memory": "128Mi", "domainType": "qemu", "terminationGracePeriodSeconds": 5,
             "kernelBoot": {"kernel": str(image.kernel), "initrd": str(image.initrd),
-                           "cmdline": image.cmdline(marker=marker, poweroff_after=poweroff_after)},
+                           "cmdline": image.cmdline(marker=marker, poweroff_after=poweroff_after, counter=counter)},
             "console": {"log": True}, **extra}
+    return {key: value for key, value in spec.items() if value is not None}
 
 
 def get_vm(kubectl: Kubectl, name: str, namespace: str) -> dict[str, Any]:

@@ -11,11 +11,13 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from e2e import Kubectl, event_reasons, get_vm, guest_spec, install_crds, vm_manifest, wait_until, wait_vm
 from lvo_testing.controlplane import ControlPlane
+from lvo_testing.guest_counter import boots, counts, counts_on_disk, read_log, shows_reboot
 from lvo_testing.libvirt_env import GuestImage
 from lvo_testing.libvirt_hosts import BedHost, LibvirtHosts
 
@@ -76,29 +78,137 @@ class ReadyWatch:
         self._thread.join(10)
 
 
+CONSOLE_LOGS = "/var/log/libvirt/libvirt-operator"
+IMAGES = "/var/lib/libvirt/images"
+
+
+def console_log(host: BedHost, name: str) -> str:
+    return read_log(host.path(f"{CONSOLE_LOGS}/{NAMESPACE}_{name}.log"))
+
+
+def counting_vm(kubectl: Kubectl, guest_image: GuestImage, name: str, node: str | None, **extra: Any) -> str:
+    """A counting guest with an empty disk (where it writes its counts), Ready; returns its uid."""
+    spec = guest_spec(guest_image, node, marker=name, counter=True,
+                      disks=[{"name": "data", "emptyDisk": {"size": "64Mi"}}], **extra)
+    kubectl("apply", "-f", "-", input=vm_manifest(name, NAMESPACE, **spec))
+    wait_vm(kubectl, name, NAMESPACE, "condition=Ready", timeout=240)
+    return get_vm(kubectl, name, NAMESPACE)["metadata"]["uid"]
+
+
+def placed(kubectl: Kubectl, name: str) -> str | None:
+    return (get_vm(kubectl, name, NAMESPACE).get("status") or {}).get("nodeName")
+
+
+def assert_moved_alive(kubectl: Kubectl, name: str, uid: str, source: BedHost, target: BedHost,
+                       watch: ReadyWatch) -> None:
+    """The guest runs on the target only, did not reboot, its disk holds what it wrote before the move, the source
+    holds nothing of it, and every reading of the VM during the move was Ready."""
+    domain = f"{NAMESPACE}_{name}"
+    assert ("True", source.name) in watch.readings or ("True", target.name) in watch.readings
+    assert {ready for ready, _ in watch.readings} == {"True"}, watch.readings
+    assert domains(target).get(domain) == "running"
+    assert domain not in domains(source)
+    assert not [v for v in volumes(source) if v.startswith(uid)]
+    wait_until(lambda: len(counts(console_log(target, name))) >= 3, timeout=30, what="the guest counts on the target")
+    before, after = console_log(source, name), console_log(target, name)
+    assert boots(before) == 1 and boots(after) == 0, (before[-500:], after[:500])
+    assert not shows_reboot(before + after)
+    last_before = counts(before)[-1].n
+    assert counts(after)[0].n > last_before
+    written = [count.n for count in counts(before)[-5:-1]]
+    on_disk = counts_on_disk(target, f"{IMAGES}/{uid}-data.qcow2", written)
+    assert on_disk == {n: n for n in written}, on_disk
+
+
 def test_a_running_vm_moves_live_when_its_nodename_changes(
         bed: LibvirtHosts, agents: None, control_plane: ControlPlane, guest_image: GuestImage) -> None:
     kubectl = control_plane.kubectl
     source, target = bed.hosts
     name = "by-nodename"
-    spec = guest_spec(guest_image, source.name, marker=name, disks=[{"name": "data", "emptyDisk": {"size": "64Mi"}}])
-    kubectl("apply", "-f", "-", input=vm_manifest(name, NAMESPACE, **spec))
-    wait_vm(kubectl, name, NAMESPACE, "condition=Ready", timeout=240)
-    domain = f"{NAMESPACE}_{name}"
-    assert domains(source) == {domain: "running"}
+    uid = counting_vm(kubectl, guest_image, name, source.name)
+    wait_until(lambda: len(counts(console_log(source, name))) >= 5, timeout=60, what="the guest counts")
     with ReadyWatch(kubectl, name) as watch:
         kubectl("patch", "vm", name, "-n", NAMESPACE, "--type=merge", "-p", json.dumps({"spec": {"nodeName": target.name}}))
-        wait_until(lambda: (get_vm(kubectl, name, NAMESPACE).get("status") or {}).get("nodeName") == target.name,
-                   timeout=240, every=0.5, what="status.nodeName is the target")
+        wait_until(lambda: placed(kubectl, name) == target.name, timeout=240, every=0.5,
+                   what="status.nodeName is the target")
         wait_vm(kubectl, name, NAMESPACE, "condition=Ready", timeout=60)
     status = get_vm(kubectl, name, NAMESPACE)["status"]
     assert status["migration"]["phase"] == "Succeeded", status["migration"]
-    assert {(reading, node) for reading, node in watch.readings} <= {("True", source.name), ("True", target.name)}, \
-        watch.readings
-    assert domains(target) == {domain: "running"}
-    assert domains(source) == {}
-    assert volumes(source) == []
-    assert len(volumes(target)) == 1
+    assert status["migration"]["trigger"] == "NodeName"
+    assert_moved_alive(kubectl, name, uid, source, target, watch)
     assert {"Migrating", "Migrated"} <= set(event_reasons(kubectl, name, NAMESPACE))
     kubectl("delete", "vm", name, "-n", NAMESPACE, "--timeout=120s", timeout=150)
-    assert domains(target) == {} and volumes(target) == []
+    assert not [v for v in volumes(target) if v.startswith(uid)]
+    assert f"{NAMESPACE}_{name}" not in domains(target)
+
+
+def migration_status(kubectl: Kubectl, name: str) -> dict[str, Any]:
+    return json.loads(kubectl("get", "vmim", name, "-n", NAMESPACE, "-o", "json").stdout).get("status") or {}
+
+
+def test_a_virtualmachinemigration_moves_the_vm_and_records_the_outcome(
+        bed: LibvirtHosts, agents: None, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    name = "by-request"
+    uid = counting_vm(kubectl, guest_image, name, None)
+    source = next(host for host in bed.hosts if host.name == placed(kubectl, name))
+    target = next(host for host in bed.hosts if host is not source)
+    wait_until(lambda: len(counts(console_log(source, name))) >= 5, timeout=60, what="the guest counts")
+    request = {"apiVersion": "libvirt-operator.io/v1alpha1", "kind": "VirtualMachineMigration",
+               "metadata": {"name": "move-1", "namespace": NAMESPACE}, "spec": {"vmName": name}}
+    with ReadyWatch(kubectl, name) as watch:
+        kubectl("apply", "-f", "-", input=json.dumps(request))
+        wait_until(lambda: migration_status(kubectl, "move-1").get("phase") in ("Succeeded", "Failed"), timeout=240,
+                   every=0.5, what="the migration ends")
+        wait_vm(kubectl, name, NAMESPACE, "condition=Ready", timeout=60)
+    outcome = migration_status(kubectl, "move-1")
+    assert outcome["phase"] == "Succeeded", outcome
+    assert (outcome["sourceNode"], outcome["targetNode"]) == (source.name, target.name)
+    assert placed(kubectl, name) == target.name
+    assert_moved_alive(kubectl, name, uid, source, target, watch)
+    wait_until(lambda: "downtimeMilliseconds" in migration_status(kubectl, "move-1"), timeout=30,
+               what="the downtime recorded")
+
+    request["metadata"]["name"] = "move-2"
+    request["spec"]["targetNode"] = target.name
+    kubectl("apply", "-f", "-", input=json.dumps(request))
+    wait_until(lambda: migration_status(kubectl, "move-2").get("phase") == "Failed", timeout=60,
+               what="a move to where the VM runs fails")
+    assert "already runs" in migration_status(kubectl, "move-2")["message"]
+    assert placed(kubectl, name) == target.name
+    kubectl("delete", "vm", name, "-n", NAMESPACE, "--timeout=120s", timeout=150)
+
+
+def node_status(kubectl: Kubectl, node: str) -> dict[str, Any]:
+    return json.loads(kubectl("get", "libvirtnode", node, "-o", "json").stdout).get("status") or {}
+
+
+def test_a_drain_moves_every_vm_it_may_and_names_those_that_block_it(
+        bed: LibvirtHosts, agents: None, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    source, target = bed.hosts
+
+    def set_node(node: BedHost, spec: dict[str, Any]) -> None:
+        kubectl("patch", "libvirtnode", node.name, "--type=merge", "-p", json.dumps({"spec": spec}))
+
+    try:
+        movable = {name: counting_vm(kubectl, guest_image, name, source.name) for name in ("drained-a", "drained-b")}
+        counting_vm(kubectl, guest_image, "pinned", source.name)
+        for name in movable:  # unpinned, and placed where they run
+            kubectl("patch", "vm", name, "-n", NAMESPACE, "--type=merge", "-p", '{"spec": {"nodeName": null}}')
+        assert {placed(kubectl, name) for name in movable} == {source.name}
+        with ReadyWatch(kubectl, "drained-a") as watch:
+            set_node(source, {"drain": True})
+            for name in movable:
+                wait_until(lambda: placed(kubectl, name) == target.name, timeout=240, every=0.5, what=f"{name} moved")
+                wait_vm(kubectl, name, NAMESPACE, "condition=Ready", timeout=60)
+        assert_moved_alive(kubectl, "drained-a", movable["drained-a"], source, target, watch)
+        drain = wait_until(lambda: (node_status(kubectl, source.name).get("drain") or {}).get("state") == "Blocked"
+                           and node_status(kubectl, source.name)["drain"], timeout=60, what="the drain is Blocked")
+        assert drain["remaining"] == 1
+        assert drain["blockedBy"] == [{"vm": f"{NAMESPACE}/pinned", "reason": f"pinned: spec.nodeName is {source.name}"}]
+        assert placed(kubectl, "pinned") == source.name
+        assert domains(source).get(f"{NAMESPACE}_pinned") == "running"
+    finally:
+        set_node(source, {"drain": None})
+        kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=180s", timeout=210)

@@ -1,5 +1,6 @@
 """The status writer against the real API server: a status that changes nothing a reader cares about is
-not sent, stats alone wait, a failed write is kept as the last decided status, Events are posted."""
+not sent, stats alone wait, a failed write is kept as the last decided status (unless it was conditional on
+the body it was decided on), Events are posted."""
 
 from __future__ import annotations
 
@@ -44,9 +45,13 @@ async def test_only_what_a_reader_cares_about_is_patched(control_plane: ControlP
         assert get_vm(kubectl, "writer", NAMESPACE)["status"]["printableStatus"] == "Paused"
         assert writer.bodies[uid]["metadata"]["resourceVersion"] == body["metadata"]["resourceVersion"]
 
-        with pytest.raises(Exception):  # the VM changed since: 409, and the status is kept, not lost
+        with pytest.raises(Exception):  # the VM changed since: 409; a decision made on that body goes with it
             await writer.write(body, status("Stopped"), resource_version="1")
-        assert writer.last_decided(body)["printableStatus"] == "Stopped"
+        assert writer.last_decided(body)["printableStatus"] == "Paused"
+        gone = {**body, "metadata": {**body["metadata"], "name": "not-there"}}
+        with pytest.raises(Exception):  # any other failed write: the status is kept, not lost
+            await writer.write(gone, status("Stopped"))
+        assert writer.last_decided(gone)["printableStatus"] == "Stopped"
 
         await writer.post_events(body, [Event("Normal", "Started", "started the domain")])
         assert [(e["reason"], e["message"]) for e in events_for(kubectl, "writer", NAMESPACE)] == \

@@ -315,9 +315,6 @@ class Agent:
             return
         if await self.moves.reconcile(run, role):
             return
-        if role is Role.RELEASE:
-            await run.release()
-            return
         await run.converge()
 
     async def remove_copy(self, body: Mapping[str, Any]) -> None:

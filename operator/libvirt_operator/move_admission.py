@@ -105,6 +105,9 @@ class MoveAdmission:
     async def _mirror(self, body: Mapping[str, Any]) -> None:
         """Each open request of the VM reads what became of its move, or why it waits."""
         move = Move.of(body.get("status") or {})
+        own = self.requests.get(move.id) if move is not None else None
+        if own is not None and own not in self._open_requests(body):  # ended: the target's downtime comes later
+            await self._set_request(own, {"downtimeMilliseconds": move.downtime_ms} if move.downtime_ms else {})
         for position, request in enumerate(self._open_requests(body)):
             if move is not None and move.id == request["metadata"]["uid"]:
                 status = {"phase": move.phase, "sourceNode": move.source, "targetNode": move.target,
@@ -127,10 +130,13 @@ class MoveAdmission:
         if last is not None and last.active:
             return False
         wanted = await self._wanted(body)
-        if wanted is None:
-            self.waiting.discard(body["metadata"]["uid"])
-            return False
         uid = body["metadata"]["uid"]
+        if wanted is None:
+            if self._open_requests(body):  # a request waits for a node with room
+                self.waiting.add(uid)
+            else:
+                self.waiting.discard(uid)
+            return False
         if last is not None and last.phase == FAILED and last.id == wanted.id and wanted.request is None:
             seen = self._failure_seen.setdefault((uid, last.end_time or ""), time.monotonic())
             if time.monotonic() - seen < retry_delay(last.failures):
@@ -181,8 +187,7 @@ class MoveAdmission:
             wanted = self._checked(Wanted(MIGRATION, (request.get("spec") or {}).get("targetNode"),
                                           request["metadata"]["uid"], request), parsed, placed)
             if wanted is None:
-                await self._set_request(request, {"phase": FAILED, "endTime": self._now(),
-                                                  "message": self._target_problem(request, parsed, placed)})
+                await self._refuse(request, parsed, placed)
             return wanted
         node = self.fleet.nodes.get(placed)
         if node is not None and node.spec.get("drain") and not pinned:
@@ -207,8 +212,8 @@ class MoveAdmission:
         """The wanted move with its target: the one named if it can take the VM, else the placement's pick."""
         if wanted.target is not None:
             return wanted if self._target_problem_for(wanted.target, spec, source) is None else None
-        offers = [offer for offer in placement.node_offers(self.fleet.nodes.values())
-                  if offer.name != source and self._published(offer.name)]
+        offers = [offer for offer in placement.node_offers(self.fleet.nodes.values()) if offer.name != source
+                  and self._published(offer.name) and self._cpu_problem(spec, source, offer.name) is None]
         choice = placement.choose(placement.request_of(spec), offers, self.ledger)
         if choice.node is None:
             return None
@@ -218,6 +223,17 @@ class MoveAdmission:
         view = self.fleet.nodes.get(node)
         return view is not None and bool((view.status.get("migration") or {}).get("uri"))
 
+    def _cpu_problem(self, spec: VMSpec, source: str, target: str) -> str | None:
+        """A host-passthrough CPU is the source host's own: only a host with the same CPU model can give it."""
+        if spec.cpu.mode != "host-passthrough":
+            return None
+        models = [((self.fleet.nodes[n].status.get("hypervisor") or {}).get("cpuModel") if n in self.fleet.nodes
+                   else None) for n in (source, target)]
+        if models[0] is None or models[0] != models[1]:
+            return (f"the VM's CPU is host-passthrough (spec.cpu.mode) and node {target}'s CPU ({models[1]}) is not "
+                    f"node {source}'s ({models[0]})")
+        return None
+
     def _target_problem_for(self, target: str, spec: VMSpec, source: str) -> str | None:
         if target == source:
             return f"the VM already runs on {target}"
@@ -225,18 +241,25 @@ class MoveAdmission:
             return f"node {target} has no live libvirt-operator agent"
         if not self._published(target):
             return f"node {target} publishes no migration URI (its agent's --migration-uri)"
+        cpu = self._cpu_problem(spec, source, target)
+        if cpu is not None:
+            return cpu
         offered = frozenset((self.fleet.nodes[target].status.get("offers") or {}).get("pools") or ())
         missing = volume_pools(spec) - offered
         if missing:
             return f"node {target} lacks the storage pool(s) {', '.join(sorted(missing))} the VM's volumes are in"
         return None
 
-    def _target_problem(self, request: Mapping[str, Any], spec: VMSpec, source: str) -> str:
+    async def _refuse(self, request: dict[str, Any], spec: VMSpec, source: str) -> None:
+        """A named target that cannot take the VM fails the request; with no target named, it waits for room."""
         target = (request.get("spec") or {}).get("targetNode")
         if target is not None:
-            return self._target_problem_for(target, spec, source) or f"node {target} cannot take the VM"
+            problem = self._target_problem_for(target, spec, source) or f"node {target} cannot take the VM"
+            await self._set_request(request, {"phase": FAILED, "endTime": self._now(), "message": problem})
+            return
         offers = [offer for offer in placement.node_offers(self.fleet.nodes.values()) if offer.name != source]
-        return placement.choose(placement.request_of(spec), offers, self.ledger).message
+        why = placement.choose(placement.request_of(spec), offers, self.ledger).message
+        await self._set_request(request, {"phase": "Pending", "message": f"no node can take the VM yet: {why}"})
 
     def _now(self) -> str:
         return format_time(self.clock())

@@ -85,7 +85,8 @@ class StatusWriter:
         try:
             updated = await self.kube.patch_vm_status(meta["namespace"], meta["name"], patch, resource_version)
         except Exception:
-            self.unwritten[uid] = status
+            if resource_version is None:  # a write with a precondition was decided on that body: it goes with it
+                self.unwritten[uid] = status
             raise
         if woken is not None:
             EVENT_TO_STATUS.observe(time.monotonic() - woken)

@@ -23,7 +23,7 @@ from libvirt_operator.nodes import Role
 from libvirt_operator.reconcile import Event, format_time
 from libvirt_operator.scheduler import with_condition
 from libvirt_operator.spec import SpecError
-from libvirt_operator.vm_run import VMRun, stalled
+from libvirt_operator.vm_run import VMRun
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class Outbound:
         if self.move.phase == SCHEDULED:
             return await self._await_target()
         fresh = self.move.phase == TARGET_READY
+        log.info("move of %s/%s from %s to %s: %s", self.run.ref.namespace, self.run.ref.name, self.move.source,
+                 self.move.target, "starting" if fresh else "watching the migration libvirt runs")
         if fresh:
             self.move = replace(self.move, phase=RUNNING)
             await _write_move(self.run, self.move, precondition=True)
@@ -236,6 +238,8 @@ class Outbound:
             "Normal", "Migrated", f"moved live from {move.source} to {move.target} in {seconds:.1f}s")])
 
     async def _failed(self, why: str) -> None:
+        log.warning("move of %s/%s from %s to %s failed: %s", self.run.ref.namespace, self.run.ref.name,
+                    self.move.source, self.move.target, why)
         move = replace(self.move, phase=FAILED, end_time=_now(self.run), failures=self.move.failures + 1, message=why)
         self.move = move
         run = self.run
@@ -259,9 +263,7 @@ class MoveSteps:
     async def reconcile(self, run: VMRun, role: Role) -> bool:
         """Takes this agent's step of the VM's move, if it owes one; True when nothing else is to be done now."""
         me, uid = self.agent.settings.node_name, run.ref.uid
-        # As the API server holds it: a step's write refused (409) stays in the agent's unwritten status, and
-        # the step must be taken again, not believed taken.
-        move = Move.of(run.body.get("status") or {})
+        move = Move.of(run.view.status)
         if role is Role.INCOMING:
             await prepare(run, move)
             return True
@@ -270,27 +272,31 @@ class MoveSteps:
             return True
         if move is not None and move.active and move.source == me:
             first = self.first_seen.setdefault((uid, f"{move.id}@{move.start_time}"), time.monotonic())
-            if await Outbound(run, move, first).step():
-                return True
-            # Waiting for the target: the guest runs on here as the role says (never release() a running guest).
+            if not await Outbound(run, move, first).step():
+                await run.converge()  # still here while the target prepares: never released meanwhile
+            return True
         if move is not None and move.phase == SUCCEEDED and move.target == me and move.downtime_ms is None \
                 and (uid, move.id) not in self.noted:
             self.noted.add((uid, move.id))
             await note_downtime(run, move)
-        if role is Role.RELEASE and self._running_here(uid):
-            self._refuse_unmovable(run)
-            await run.converge()  # it moves live: the elected agent schedules the move
+        if role is Role.RELEASE:  # spec.nodeName names another node
+            why = self._why_not_live(run)
+            if why is None:
+                await run.converge()  # it moves live: the elected agent schedules the move
+            else:
+                await run.release(why)
             return True
         return False
 
-    def _running_here(self, uid: str) -> bool:
-        snapshot = self.agent.cache.get(uid)
-        return snapshot is not None and snapshot.active
-
-    def _refuse_unmovable(self, run: VMRun) -> None:
-        if run.problem is not None or run.view.not_migratable is None:
-            return
-        me, target = self.agent.settings.node_name, run.spec_dict.get("nodeName")
-        run.problem = stalled(SpecError("spec.nodeName", (
-            f"the VM cannot move live from {me} to {target}: {run.view.not_migratable[1]}; set spec.nodeName back "
-            f"to {me}, or stop the VM (runStrategy Halted) to move it cold")))
+    def _why_not_live(self, run: VMRun) -> str | None:
+        """Why the VM cannot move live to the node spec.nodeName names, None when it can."""
+        snapshot = self.agent.cache.get(run.ref.uid)
+        if snapshot is None or not snapshot.active:
+            return "it is not running (only a running VM moves live)"
+        if run.view.not_migratable is not None:
+            return run.view.not_migratable[1]
+        target = run.spec_dict.get("nodeName")
+        view = self.agent.fleet.nodes.get(target)
+        if view is not None and view.status.get("heartbeatTime") and not (view.status.get("migration") or {}).get("uri"):
+            return f"node {target} takes no live moves (its agent publishes no --migration-uri)"
+        return None  # a node not seen yet (or not announced yet) may take it: nothing goes until it is known

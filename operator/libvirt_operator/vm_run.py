@@ -84,17 +84,16 @@ class VMRun:
                                           self.agent.settings.node_name, reason, message)
         await self.agent.status.write(self.body, status)
 
-    async def release(self) -> None:
-        """spec.nodeName names another node and the domain does not run (a running one moves live): it is removed
-        here before that node's agent may start it (status.nodeName cleared last), unless its disks hold data only
-        this node has."""
+    async def release(self, why_not_live: str) -> None:
+        """spec.nodeName names another node and the VM cannot move live (`why_not_live`): it is removed here before
+        that node's agent may start it (status.nodeName cleared last), unless its disks hold data only this node has."""
         target, me = self.spec_dict.get("nodeName"), self.agent.settings.node_name
         data = owned_data_disks(self.spec) if self.spec is not None else []
         if self.problem is None and data:
             self.problem = stalled(SpecError("spec.nodeName", (
-                f"moving this VM from {me} to {target} would lose {', '.join(data)}, whose data lives only on {me}: "
-                f"only a running VM moves, live, with its disks; start it (runStrategy) to move it, set spec.nodeName "
-                f"back to {me}, or delete the VM and create it on {target}")))
+                f"moving this VM from {me} to {target} would lose {', '.join(data)}, whose data lives only on {me}, "
+                f"and it cannot move live: {why_not_live}; set spec.nodeName back to {me}, or delete the VM and "
+                f"create it on {target}")))
         if self.problem is not None:
             await self.agent.status.write(self.body, self.decide_now().status)
             return

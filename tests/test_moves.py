@@ -1,0 +1,207 @@
+"""Live moves, the pure parts and the elected agent's admission: who acts on a VM during a move, what cannot
+move, when a move is scheduled and to where, the parallel bounds, retries, and VirtualMachineMigrations."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import pytest
+
+from libvirt_operator import nodes, placement
+from libvirt_operator.migration import Move, migrating_condition, not_migratable
+from libvirt_operator.model import MigrationPolicy
+from libvirt_operator.move_admission import MoveAdmission
+from libvirt_operator.nodes import Role
+from libvirt_operator.spec import parse_spec
+from test_placement import fleet_of, node
+
+pytestmark = pytest.mark.unit
+
+NOW = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.timezone.utc)
+
+
+def host(name: str, **options: Any) -> dict[str, Any]:
+    body = node(name, **options)
+    body["status"]["migration"] = {"uri": f"qemu+tcp://{name}/system", "address": name}
+    return body
+
+
+def vm(name: str, placed: str | None, *, pinned: str | None = None, state: str = "running",
+       migration: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {"nodeName": placed, "domain": {"state": state}}
+    if migration is not None:
+        status["migration"] = migration
+    return {"metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}", "resourceVersion": "7", "generation": 3},
+            "spec": {"memory": "512Mi", **({"nodeName": pinned} if pinned else {}), **spec}, "status": status}
+
+
+def active(source: str, target: str, phase: str = "Running", id: str = "m") -> dict[str, Any]:
+    return {"id": id, "trigger": "Migration", "source": source, "target": target, "phase": phase}
+
+
+# --- who acts ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("me", "phase", "role"), [
+    ("a", "Running", Role.RUN), ("b", "Scheduled", Role.INCOMING), ("b", "Running", Role.INCOMING),
+    ("b", "Failed", Role.CLEAN_INCOMING), ("c", "Running", Role.REMOVE_COPY),
+])
+def test_during_a_move_the_source_runs_the_vm_and_the_target_only_receives_it(me: str, phase: str, role: Role) -> None:
+    fleet, _ = fleet_of(node("a"), node("b"), node("c"), me=me)
+    assert nodes.role(vm("x", "a", migration=active("a", "b", phase)), fleet) is role
+
+
+def test_after_a_move_the_target_runs_the_vm_and_the_source_holds_a_copy_at_most() -> None:
+    done = vm("x", "b", migration=active("a", "b", "Succeeded"))
+    assert nodes.role(done, fleet_of(node("a"), node("b"), me="b")[0]) is Role.RUN
+    assert nodes.role(done, fleet_of(node("a"), node("b"), me="a")[0]) is Role.REMOVE_COPY
+
+
+# --- what cannot move ----------------------------------------------------------------------------
+
+def test_uefi_and_images_written_in_place_cannot_move_and_say_why() -> None:
+    assert not_migratable(parse_spec({"memory": "1Gi", "firmware": "uefi"}))[0] == "UEFIVariables"
+    in_place = parse_spec({"memory": "1Gi", "disks": [{"name": "root", "image": {"path": "/var/lib/libvirt/a.qcow2",
+                                                                              "clone": False}}]})
+    reason, message = not_migratable(in_place)
+    assert reason == "LocalWritableImage" and "spec.disks[0].image" in message
+    cloned = parse_spec({"memory": "1Gi", "disks": [{"name": "root", "image": {"path": "/var/lib/libvirt/a.qcow2", "clone": True}},
+                                                    {"name": "data", "emptyDisk": {"size": "1Gi"}}]})
+    assert not_migratable(cloned) is None
+
+
+def test_the_migrating_condition_tells_the_phase_the_progress_and_the_outcome() -> None:
+    running = Move.of({"migration": {**active("a", "b"), "dataTotalBytes": 200, "dataProcessedBytes": 50}})
+    assert migrating_condition(running) == (True, "Running", "moving from a to b (Running, 25% of 200 bytes sent)")
+    done = Move.of({"migration": {**active("a", "b", "Succeeded"), "downtimeMilliseconds": 120}})
+    assert migrating_condition(done) == (False, "Succeeded", "moved from a to b, downtime 120 ms")
+    failed = Move.of({"migration": {**active("a", "b", "Failed"), "message": "no progress for 151s"}})
+    assert migrating_condition(failed)[2] == "the move from a to b failed: no progress for 151s; the VM stayed on a"
+    assert migrating_condition(None) == (False, "NotMigrating", "")
+
+
+# --- the elected agent's admission ---------------------------------------------------------------
+
+class Recorder:
+    def __init__(self) -> None:
+        self.vm_writes: list[tuple[str, dict[str, Any], str | None]] = []
+        self.request_writes: list[tuple[str, dict[str, Any]]] = []
+
+    async def write_status(self, body: dict[str, Any], status: dict[str, Any], resource_version: str | None) -> None:
+        self.vm_writes.append((body["metadata"]["name"], status, resource_version))
+        body["status"] = status
+
+    async def patch_migration_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.request_writes.append((name, patch))
+
+
+def admission(*vms: dict[str, Any], hosts: tuple[dict[str, Any], ...] | None = None,
+              policy: MigrationPolicy = MigrationPolicy()) -> tuple[MoveAdmission, Recorder]:
+    recorder = Recorder()
+    fleet, _ = fleet_of(*(hosts or (host("a"), host("b"), host("c", memory=1 << 30))), me="a")
+    bodies = {body["metadata"]["uid"]: body for body in vms}
+    ledger = placement.Ledger()
+    return MoveAdmission(recorder, fleet, ledger, bodies, policy, recorder.write_status, lambda: NOW), recorder
+
+
+def request(name: str, vm_name: str, target: str | None = None, created: str = "2026-12-06T11:00:00Z") -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "ns", "uid": f"req-{name}", "creationTimestamp": created},
+            "spec": {"vmName": vm_name, **({"targetNode": target} if target else {})}}
+
+
+async def test_a_nodename_edit_of_a_running_vm_schedules_a_move_there_conditional_on_the_body() -> None:
+    body = vm("x", "a", pinned="b")
+    admit, recorder = admission(body)
+    assert await admit.duty(body)
+    [(name, status, resource_version)] = recorder.vm_writes
+    assert resource_version == "7"
+    assert {k: status["migration"][k] for k in ("trigger", "source", "target", "phase", "id")} == \
+        {"trigger": "NodeName", "source": "a", "target": "b", "phase": "Scheduled", "id": "nodeName-3"}
+    assert not await admit.duty(body)  # in flight: nothing more
+
+
+async def test_a_stopped_vm_is_not_moved_live_and_a_request_for_it_fails_saying_why() -> None:
+    body = vm("x", "a", state="shutoff")
+    admit, recorder = admission(body)
+    admit.observe("ADDED", request("r", "x"))
+    assert not await admit.duty(body)
+    assert recorder.vm_writes == []
+    [(name, patch)] = recorder.request_writes
+    assert patch["phase"] == "Failed" and "not running" in patch["message"]
+
+
+async def test_a_drain_moves_unpinned_vms_to_the_node_with_most_room_and_leaves_pinned_ones() -> None:
+    hosts = (host("a", unschedulable=True), host("b"), host("c", memory=1 << 30))
+    hosts[0]["spec"]["drain"] = True
+    free, pinned = vm("free", "a"), vm("pinned", "a", pinned="a")
+    admit, recorder = admission(free, pinned, hosts=hosts)
+    assert await admit.duty(free)
+    assert not await admit.duty(pinned)
+    [(name, status, _)] = recorder.vm_writes
+    assert (name, status["migration"]["target"], status["migration"]["trigger"]) == ("free", "b", "Drain")
+
+
+async def test_moves_in_flight_are_bounded_per_node_and_per_cluster() -> None:
+    busy = [vm(f"m{i}", "a", migration=active("a", "b", id=f"m{i}")) for i in range(2)]
+    waiting = vm("x", "a", pinned="c")
+    admit, recorder = admission(*busy, waiting)
+    assert not await admit.duty(waiting)
+    assert "uid-x" in admit.waiting and recorder.vm_writes == []
+    busy[0]["status"]["migration"]["phase"] = "Succeeded"
+    assert await admit.duty(waiting)
+
+    flights = [vm(f"f{i}", f"s{i}", migration=active(f"s{i}", f"t{i}", id=f"f{i}")) for i in range(5)]
+    other = vm("y", "a", pinned="b")
+    admit, recorder = admission(*flights, other)
+    assert not await admit.duty(other)
+    assert not await admit.duty(other)  # per cluster: 5 in flight
+    assert recorder.vm_writes == []
+
+
+async def test_a_failed_move_is_retried_after_a_delay_and_a_request_is_never_reused() -> None:
+    failed = {"id": "nodeName-3", "trigger": "NodeName", "source": "a", "target": "b", "phase": "Failed",
+              "endTime": "2026-12-06T11:59:00Z", "failures": 1, "message": "no progress"}
+    body = vm("x", "a", pinned="b", migration=failed)
+    admit, recorder = admission(body)
+    assert not await admit.duty(body)
+    assert "uid-x" in admit.waiting and recorder.vm_writes == []
+
+    request_failed = {**failed, "id": "req-r", "trigger": "Migration"}
+    body = vm("y", "a", migration=request_failed)
+    admit, recorder = admission(body)
+    admit.observe("ADDED", {**request("r", "y"), "status": {"phase": "Failed"}})
+    assert not await admit.duty(body)
+    assert recorder.vm_writes == []
+
+
+async def test_a_request_names_its_target_or_lets_the_placement_pick_and_reads_the_outcome() -> None:
+    body = vm("x", "a")
+    admit, recorder = admission(body)
+    admit.observe("ADDED", request("here", "x", target="a"))
+    admit.observe("ADDED", request("later", "x", created="2026-12-06T11:30:00Z"))
+    assert not await admit.duty(body)
+    assert ("here", {"phase": "Failed", "endTime": "2026-12-06T12:00:00Z", "message": "the VM already runs on a"}) \
+        in recorder.request_writes
+    admit.requests["req-here"]["status"] = {"phase": "Failed"}
+    assert await admit.duty(body)
+    move = body["status"]["migration"]
+    assert (move["id"], move["migrationName"], move["target"]) == ("req-later", "later", "b")
+    body["status"]["migration"] = {**move, "phase": "Succeeded", "endTime": "2026-12-06T12:00:05Z"}
+    await admit.duty(body)
+    name, patch = recorder.request_writes[-1]
+    assert name == "later" and patch["phase"] == "Succeeded" and patch["targetNode"] == "b"
+
+
+async def test_a_host_passthrough_cpu_moves_only_to_a_host_with_the_same_cpu_model() -> None:
+    hosts = (host("a"), host("b"), host("c"))
+    for body, model in zip(hosts, ("EPYC", "Xeon", "EPYC")):
+        body["status"]["hypervisor"] = {"cpuModel": model}
+    body = vm("x", "a", cpu={"mode": "host-passthrough"})
+    admit, recorder = admission(body, hosts=hosts)
+    admit.observe("ADDED", request("to-b", "x", target="b"))
+    assert not await admit.duty(body)
+    assert "host-passthrough" in recorder.request_writes[-1][1]["message"]
+    admit.requests["req-to-b"]["status"] = {"phase": "Failed"}
+    admit.observe("ADDED", request("any", "x", created="2026-12-06T11:30:00Z"))
+    assert await admit.duty(body)
+    assert body["status"]["migration"]["target"] == "c"
