@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from libvirt_operator import guest, guest_migration
@@ -84,6 +84,23 @@ async def note_downtime(run: VMRun, move: Move) -> None:
 
 
 # --- the source ------------------------------------------------------------------------------------
+
+@dataclass
+class ProgressWatermark:
+    """The least a move had left to send, and since when: no progress is that not shrinking. The owned disks are
+    copied first, then memory, each phase with its own total and what is left starting again from it, so the
+    least counts within one phase only."""
+
+    least: int | None = None
+    total: int | None = None
+    since: float = 0.0
+
+    def stalled(self, progress: JobProgress, now: float) -> float:
+        """Seconds without progress, `progress` read at `now`."""
+        if self.least is None or progress.total != self.total or progress.remaining < self.least:
+            self.least, self.total, self.since = progress.remaining, progress.total, now
+        return now - self.since
+
 
 class Outbound:
     """The source's part of one move: returns True when it dealt with the VM this round (no converge)."""
@@ -177,8 +194,7 @@ class Outbound:
     async def _watch(self, job: asyncio.Task[None] | None) -> str | None:
         """Polls the job until it ends; aborts it past a timeout or when the VM is deleted, saying why."""
         host, uid = self.agent.host, self.run.ref.uid
-        began, best, best_at, written_at = time.monotonic(), None, time.monotonic(), time.monotonic()
-        phase_total: int | None = None
+        began, written_at, watermark = time.monotonic(), time.monotonic(), ProgressWatermark()
         while True:
             if job is not None:
                 await asyncio.wait({job}, timeout=POLL_SECONDS)
@@ -192,11 +208,7 @@ class Outbound:
                     return None
                 continue
             now = time.monotonic()
-            # The owned disks are copied first, then memory: each has its own total, and what is left to send
-            # starts again from that total, so the lowest seen counts within one phase only.
-            if best is None or progress.total != phase_total or progress.remaining < best:
-                best, best_at, phase_total = progress.remaining, now, progress.total
-            why = self._abort_reason(now - best_at, now - began)
+            why = self._abort_reason(watermark.stalled(progress, now), now - began)
             if why is not None:
                 await host.call(guest_migration.abort_job, uid)
                 return why
