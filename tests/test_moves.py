@@ -9,11 +9,13 @@ from typing import Any
 import pytest
 
 from libvirt_operator import nodes, placement
+from libvirt_operator.guest_migration import JobProgress
 from libvirt_operator.migration import Move, migrating_condition, not_migratable
 from libvirt_operator.model import MigrationPolicy
 from libvirt_operator.move_admission import MoveAdmission
 from libvirt_operator.nodes import Role
 from libvirt_operator.spec import parse_spec
+from libvirt_operator.vm_move import ProgressWatermark
 from test_placement import fleet_of, node
 
 pytestmark = pytest.mark.unit
@@ -205,3 +207,15 @@ async def test_a_host_passthrough_cpu_moves_only_to_a_host_with_the_same_cpu_mod
     admit.observe("ADDED", request("any", "x", created="2026-12-06T11:30:00Z"))
     assert await admit.duty(body)
     assert body["status"]["migration"]["target"] == "c"
+
+
+def test_progress_is_what_is_left_to_send_shrinking_within_each_phase_of_the_move() -> None:
+    watermark = ProgressWatermark()
+    disks, memory = 256 << 10, 128 << 20
+    assert watermark.stalled(JobProgress(100, disks, disks // 2, disks // 2), now=0.0) == 0
+    # the disks copied, memory starts: far more left to send than in the disk phase, and that is progress
+    assert watermark.stalled(JobProgress(1100, memory, 0, memory), now=1.0) == 0
+    assert watermark.stalled(JobProgress(5100, memory, 16 << 20, memory - (16 << 20)), now=5.0) == 0
+    # a stream that stalls (the link cut) does not shrink what is left: the stall counts from the last shrink
+    assert watermark.stalled(JobProgress(9100, memory, 16 << 20, memory - (16 << 20)), now=9.0) == 4.0
+    assert watermark.stalled(JobProgress(20100, memory, 16 << 20, memory - (16 << 20)), now=20.0) == 15.0

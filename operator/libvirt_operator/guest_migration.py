@@ -16,6 +16,7 @@ import libvirt
 
 from libvirt_operator.domain_xml import DomainDefinition
 from libvirt_operator.guest import Guest, check_kernel_boot, prepare_host_dirs
+from libvirt_operator.libvirt_errors import connection_lost, has_code, lookup
 from libvirt_operator.model import AgentSettings, VMRef
 from libvirt_operator.paths import confine_spec
 from libvirt_operator.spec import VMSpec
@@ -27,6 +28,10 @@ MOVE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt
 
 class TargetNotEmpty(Exception):
     """The target already holds a domain of the VM: a move would make a second one."""
+
+
+class PeerLost(Exception):
+    """The source libvirtd lost its connection to the target's mid-move; this agent's own connection is fine."""
 
 
 def prepare_incoming(conn: libvirt.virConnect, spec: VMSpec, vm: VMRef, settings: AgentSettings,
@@ -80,7 +85,14 @@ def migrate(conn: libvirt.virConnect, uuid: str, destination: Destination) -> No
         params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = destination.address
         if disks:
             params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = f"tcp://{destination.address}"
-    domain.migrateToURI3(destination.uri, params, flags)
+    try:
+        domain.migrateToURI3(destination.uri, params, flags)
+    except libvirt.libvirtError as error:
+        # libvirtd relays its own link to the target breaking as a transport error, which would read as this
+        # agent's connection lost (and drop it): only while that connection lives is it the peer's.
+        if connection_lost(error) and conn.isAlive() == 1:
+            raise PeerLost(f"the link to {destination.uri} broke mid-move: {error}") from error
+        raise
 
 
 @dataclass(frozen=True)
@@ -94,9 +106,10 @@ class JobProgress:
 def job_progress(conn: libvirt.virConnect, uuid: str) -> JobProgress | None:
     """The running job of the guest (a migration), None when it has none or the guest is gone."""
     guest = Guest.find(conn, uuid)
-    if guest is None:
+    # The move may end (the guest undefined here) between the lookup and the call.
+    stats = lookup(lambda: guest.domain.jobStats(0), libvirt.VIR_ERR_NO_DOMAIN) if guest is not None else None
+    if stats is None:
         return None
-    stats = guest.domain.jobStats(0)
     if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
         return None
     return JobProgress(int(stats.get("time_elapsed", 0)), int(stats.get("data_total", 0)),
@@ -109,9 +122,15 @@ def holds(conn: libvirt.virConnect, uuid: str) -> bool:
 
 
 def abort_job(conn: libvirt.virConnect, uuid: str) -> None:
+    """Aborts the guest's job; nothing when the job (OPERATION_INVALID) or the guest already ended."""
     guest = Guest.find(conn, uuid)
-    if guest is not None:
+    if guest is None:
+        return
+    try:
         guest.domain.abortJob()
+    except libvirt.libvirtError as error:
+        if not has_code(error, libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            raise
 
 
 def incoming_downtime_ms(conn: libvirt.virConnect, uuid: str) -> int | None:

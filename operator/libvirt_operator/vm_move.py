@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from libvirt_operator import guest, guest_migration
-from libvirt_operator.guest_migration import Destination, JobProgress, TargetNotEmpty
+from libvirt_operator.guest_migration import Destination, JobProgress, PeerLost, TargetNotEmpty
 from libvirt_operator.libvirt_errors import LibvirtError
 from libvirt_operator.migration import (
     FAILED, RUNNING, SCHEDULED, SUCCEEDED, TARGET_READY, Move, completion_timeout, migrating_condition, with_move,
@@ -85,6 +85,23 @@ async def note_downtime(run: VMRun, move: Move) -> None:
 
 # --- the source ------------------------------------------------------------------------------------
 
+@dataclass
+class ProgressWatermark:
+    """The least a move had left to send, and since when: no progress is that not shrinking. The owned disks are
+    copied first, then memory, each phase with its own total and what is left starting again from it, so the
+    least counts within one phase only."""
+
+    least: int | None = None
+    total: int | None = None
+    since: float = 0.0
+
+    def stalled(self, progress: JobProgress, now: float) -> float:
+        """Seconds without progress, `progress` read at `now`."""
+        if self.least is None or progress.total != self.total or progress.remaining < self.least:
+            self.least, self.total, self.since = progress.remaining, progress.total, now
+        return now - self.since
+
+
 class Outbound:
     """The source's part of one move: returns True when it dealt with the VM this round (no converge)."""
 
@@ -147,7 +164,7 @@ class Outbound:
                 try:
                     why = await self._watch(job)
                     await job
-                except LibvirtError as error:
+                except (LibvirtError, PeerLost) as error:
                     why = why or str(error)
                 finally:
                     if not job.done():
@@ -177,7 +194,7 @@ class Outbound:
     async def _watch(self, job: asyncio.Task[None] | None) -> str | None:
         """Polls the job until it ends; aborts it past a timeout or when the VM is deleted, saying why."""
         host, uid = self.agent.host, self.run.ref.uid
-        began, best, best_at, written_at = time.monotonic(), None, time.monotonic(), time.monotonic()
+        began, written_at, watermark = time.monotonic(), time.monotonic(), ProgressWatermark()
         while True:
             if job is not None:
                 await asyncio.wait({job}, timeout=POLL_SECONDS)
@@ -191,9 +208,7 @@ class Outbound:
                     return None
                 continue
             now = time.monotonic()
-            if best is None or progress.remaining < best:
-                best, best_at = progress.remaining, now
-            why = self._abort_reason(now - best_at, now - began)
+            why = self._abort_reason(watermark.stalled(progress, now), now - began)
             if why is not None:
                 await host.call(guest_migration.abort_job, uid)
                 return why

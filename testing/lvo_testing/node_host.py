@@ -79,10 +79,11 @@ class NodeHost:
         subprocess.run([*self.enter(), daemon, "-d", *listen, "-p", str(self._pid_file(daemon))], check=True,
                        capture_output=True)
 
-    def stop_libvirtd(self) -> None:
-        """Stops libvirtd only (SIGTERM, as `systemctl stop` does); its guests and virtlogd go on."""
+    def stop_libvirtd(self, signum: int = signal.SIGTERM) -> None:
+        """Stops libvirtd only (SIGTERM, as `systemctl stop` does; SIGKILL, as a crash); its guests and virtlogd
+        go on."""
         pid = int(self._pid_file("libvirtd").read_text())
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signum)
         deadline = time.monotonic() + 30
         while pid_alive(pid):
             if time.monotonic() > deadline:
