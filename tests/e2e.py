@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from lvo_testing.agent_process import AgentProcess
 from lvo_testing.controlplane import ControlPlane
 from lvo_testing.libvirt_env import GuestImage
+from lvo_testing.libvirt_hosts import LibvirtHosts
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 CRDS = Path(__file__).parent.parent / "crds"
@@ -116,4 +118,15 @@ def namespace_agent(control_plane: ControlPlane, uri: str, workdir: Path, namesp
     with AgentProcess(workdir, control_plane.admin_kubeconfig, libvirt_uri=uri, node_name=node,
                       extra_args=extra_args) as process:
         yield process
+        control_plane.kubectl("delete", "vm", "--all", "-n", namespace, "--timeout=120s", timeout=150, check=False)
+
+
+@contextlib.contextmanager
+def bed_agents(bed: LibvirtHosts, control_plane: ControlPlane, workdir: Path, namespace: str,
+               *extra_args: str) -> Iterator[dict[str, AgentProcess]]:
+    """An agent per host of the bed on the test API server, by node name; the namespace's VMs deleted after."""
+    install_crds(control_plane.kubectl, namespace)
+    with contextlib.ExitStack() as stack:
+        yield {host.name: stack.enter_context(bed.agent(host, workdir, control_plane.admin_kubeconfig, *extra_args))
+               for host in bed.hosts}
         control_plane.kubectl("delete", "vm", "--all", "-n", namespace, "--timeout=120s", timeout=150, check=False)

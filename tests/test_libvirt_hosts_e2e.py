@@ -9,7 +9,6 @@ it is killed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import Kubectl, get_vm, guest_spec, install_crds, vm_manifest, wait_until, wait_vm
+from e2e import Kubectl, bed_agents, get_vm, guest_spec, vm_manifest, wait_until, wait_vm
 from lvo_testing import node_cleanup
 from lvo_testing.controlplane import REPO, ControlPlane, pid_alive
 from lvo_testing.guest_counter import Count, boots, counts, counts_on_disk, read_log, shows_reboot
@@ -42,13 +41,8 @@ def bed(guest_image: GuestImage) -> Iterator[LibvirtHosts]:
 
 @pytest.fixture(scope="module")
 def agents(bed: LibvirtHosts, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    install_crds(control_plane.kubectl, NAMESPACE)
-    workdir = tmp_path_factory.mktemp("libvirt-hosts")
-    with contextlib.ExitStack() as stack:
-        for host in bed.hosts:
-            stack.enter_context(bed.agent(host, workdir, control_plane.admin_kubeconfig))
+    with bed_agents(bed, control_plane, tmp_path_factory.mktemp("libvirt-hosts"), NAMESPACE):
         yield
-        control_plane.kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=120s", timeout=150, check=False)
 
 
 def _domains(host: BedHost) -> set[str]:

@@ -7,7 +7,6 @@ boot), its disk keeps what it held, the old host keeps nothing, and `kubectl get
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from e2e import Kubectl, event_reasons, get_vm, guest_spec, install_crds, vm_manifest, wait_until, wait_vm
+from e2e import Kubectl, bed_agents, event_reasons, get_vm, guest_spec, vm_manifest, wait_until, wait_vm
 from lvo_testing.controlplane import ControlPlane
 from lvo_testing.guest_counter import boots, counts, counts_on_disk, read_log, shows_reboot
 from lvo_testing.libvirt_env import GuestImage
@@ -35,13 +34,8 @@ def bed(guest_image: GuestImage) -> Iterator[LibvirtHosts]:
 
 @pytest.fixture(scope="module")
 def agents(bed: LibvirtHosts, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    install_crds(control_plane.kubectl, NAMESPACE)
-    workdir = tmp_path_factory.mktemp("moves")
-    with contextlib.ExitStack() as stack:
-        for host in bed.hosts:
-            stack.enter_context(bed.agent(host, workdir, control_plane.admin_kubeconfig))
+    with bed_agents(bed, control_plane, tmp_path_factory.mktemp("moves"), NAMESPACE):
         yield
-        control_plane.kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=120s", timeout=150, check=False)
 
 
 def domains(host: BedHost) -> dict[str, str]:

@@ -10,7 +10,6 @@ A counting guest shows, where it survives, that it did not reboot.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from e2e import get_vm, guest_spec, install_crds, vm_manifest, wait_until, wait_vm
+from e2e import bed_agents, get_vm, guest_spec, vm_manifest, wait_until, wait_vm
 from lvo_testing.agent_process import AgentProcess
 from lvo_testing.controlplane import ControlPlane
 from lvo_testing.fleet_invariant import ENDED_PHASES, assert_fleet_invariant, ready_of
@@ -45,12 +44,8 @@ def bed(guest_image: GuestImage) -> Iterator[LibvirtHosts]:
 @pytest.fixture(scope="module")
 def agents(bed: LibvirtHosts, control_plane: ControlPlane,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentProcess]]:
-    install_crds(control_plane.kubectl, NAMESPACE)
-    workdir = tmp_path_factory.mktemp("move-faults")
-    with contextlib.ExitStack() as stack:
-        yield {host.name: stack.enter_context(bed.agent(host, workdir, control_plane.admin_kubeconfig, *AGENT_ARGS))
-               for host in bed.hosts}
-        control_plane.kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=120s", timeout=150, check=False)
+    with bed_agents(bed, control_plane, tmp_path_factory.mktemp("move-faults"), NAMESPACE, *AGENT_ARGS) as agents:
+        yield agents
 
 
 class Moves:

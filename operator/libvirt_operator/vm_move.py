@@ -149,7 +149,8 @@ class Outbound:
 
     async def _migrate(self, fresh: bool) -> None:
         """Runs the migration (or, after a restart of this agent, waits for the one libvirt still runs), then
-        settles the outcome by what this host holds: the guest gone means the target runs it."""
+        settles the outcome by what this host holds: the guest gone means the target runs it. Either way the
+        libvirt job has ended by then (migrateToURI3 returns after it, aborted or not)."""
         host, uid = self.agent.host, self.run.ref.uid
         began = time.monotonic()
         why: str | None = None
@@ -171,20 +172,10 @@ class Outbound:
                         job.cancel()
         else:
             why = await self._watch(None)
-        await self._settle(why)
         if await host.call(guest_migration.holds, uid):
             await self._failed(why or "the move ended without the target running the guest")
         else:
             await self._succeeded(time.monotonic() - began)
-
-    async def _settle(self, why: str | None) -> None:
-        """Waits until libvirt runs no job on the guest (aborting it when the move is given up): only then does
-        what this host holds tell the outcome."""
-        host, uid = self.agent.host, self.run.ref.uid
-        while await host.call(guest_migration.job_progress, uid) is not None:
-            if why is not None:
-                await host.call(guest_migration.abort_job, uid)
-            await asyncio.sleep(POLL_SECONDS)
 
     def _completion_limit(self) -> float:
         spec = self.run.spec
