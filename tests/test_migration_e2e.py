@@ -191,6 +191,7 @@ def test_a_drain_moves_every_vm_it_may_and_names_those_that_block_it(
         for name in movable:  # unpinned, and placed where they run
             kubectl("patch", "vm", name, "-n", NAMESPACE, "--type=merge", "-p", '{"spec": {"nodeName": null}}')
         assert {placed(kubectl, name) for name in movable} == {source.name}
+        wait_until(lambda: len(counts(console_log(source, "drained-a"))) >= 5, timeout=60, what="the guest counts")
         with ReadyWatch(kubectl, "drained-a") as watch:
             set_node(source, {"drain": True})
             for name in movable:
