@@ -39,7 +39,12 @@ async def _write_move(run: VMRun, move: Move, *, precondition: bool) -> None:
     """The VM's status with `move` as its migration block, nothing else changed."""
     body = run.body
     status = with_move(body.get("status") or {}, move)
-    await run.agent.status.write(body, status, body["metadata"]["resourceVersion"] if precondition else None)
+    try:
+        await run.agent.status.write(body, status, body["metadata"]["resourceVersion"] if precondition else None)
+    except Exception:
+        if precondition:  # a step decided on a stale body is decided again on the next one, not remembered as done
+            run.agent.status.unwritten.pop(run.ref.uid, None)
+        raise
     run.view = replace(run.view, status=body.get("status") or status)
 
 
