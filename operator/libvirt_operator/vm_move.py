@@ -270,7 +270,9 @@ class MoveSteps:
             return True
         if move is not None and move.active and move.source == me:
             first = self.first_seen.setdefault((uid, f"{move.id}@{move.start_time}"), time.monotonic())
-            return await Outbound(run, move, first).step()
+            if await Outbound(run, move, first).step():
+                return True
+            # Waiting for the target: the guest runs on here as it is (never released, below).
         if move is not None and move.phase == SUCCEEDED and move.target == me and move.downtime_ms is None \
                 and (uid, move.id) not in self.noted:
             self.noted.add((uid, move.id))
