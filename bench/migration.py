@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes
+
 from common import GROUP, VERSION, Bench, log, percentile
 from e2e import guest_spec
 from libvirt_operator import quantity
@@ -45,6 +47,7 @@ NAMESPACE = "bench-moves"
 BED_PREFIX = "lvo-hb"
 EMPTY_DISK = {"name": "data", "emptyDisk": {"size": "64Mi"}}
 BOOTED = b"LVO-GUEST-READY"
+PLACEMENT_LEASE = ("libvirt-operator-placement", "kube-system")
 VirtualMachine = dict[str, Any]
 
 
@@ -121,7 +124,7 @@ def bed_with_agents(bench: Bench, image: GuestImage) -> Iterator[LibvirtHosts]:
             bench.agents.append(agent)
             agent.start(timeout=120)
         wait_published(bench, [host.name for host in bed.hosts])
-        wait_fleet_seen(bench, [host.name for host in bed.hosts])
+        wait_fleet_seen(bench)
         yield bed
     except BaseException:
         kept = Path(tempfile.mkdtemp(prefix="lvo-bench-migration-logs-"))
@@ -155,21 +158,21 @@ def wait_published(bench: Bench, nodes: list[str], timeout: float = 120) -> None
         time.sleep(0.5)
 
 
-def heartbeats(bench: Bench, nodes: list[str]) -> dict[str, str]:
-    listed = bench.custom.list_cluster_custom_object(GROUP, VERSION, "libvirtnodes")["items"]
-    return {n["metadata"]["name"]: (n.get("status") or {}).get("heartbeatTime") for n in listed
-            if n["metadata"]["name"] in nodes}
+def lease_renewed_at(bench: Bench) -> Any:
+    lease = kubernetes.client.CoordinationV1Api(bench.api_client).read_namespaced_lease(*PLACEMENT_LEASE)
+    return lease.spec.renew_time
 
 
-def wait_fleet_seen(bench: Bench, nodes: list[str], timeout: float = 90) -> float:
-    """Until every agent of `nodes` has beaten once more: each re-lists the LibvirtNodes right after its heartbeat,
-    and that re-list is when an agent sees a LibvirtNode's spec (a cordon, a drain) or a new node; seconds waited."""
-    began, before = time.monotonic(), heartbeats(bench, nodes)
-    while any(beat == before.get(node) for node, beat in heartbeats(bench, nodes).items()):
+def wait_fleet_seen(bench: Bench, timeout: float = 90) -> float:
+    """Until the placing agent has re-listed the LibvirtNodes, which is when it sees a LibvirtNode's spec (a cordon,
+    a drain) or a new node: it does so in its heartbeat, right after renewing the placement Lease (a LibvirtNode's
+    heartbeatTime also changes between heartbeats, when its VM count does); seconds waited."""
+    began, before = time.monotonic(), lease_renewed_at(bench)
+    while lease_renewed_at(bench) == before:
         if time.monotonic() - began > timeout:
-            raise TimeoutError(f"the agents of {nodes} did not beat within {timeout}s")
+            raise TimeoutError(f"the placement Lease was not renewed within {timeout}s")
         time.sleep(0.5)
-    time.sleep(1)  # the re-list follows the heartbeat (and the Lease's renewal)
+    time.sleep(1)  # the re-list follows the renewal
     return time.monotonic() - began
 
 
@@ -325,7 +328,7 @@ def drain(bench: Bench, bed: LibvirtHosts, image: GuestImage, history: History, 
     first, second = bed.hosts
     names = [f"drained-{i:02d}" for i in range(count)]
     patch_node(bench, second.name, {"unschedulable": True})
-    wait_fleet_seen(bench, [host.name for host in bed.hosts])
+    wait_fleet_seen(bench)
     for name in names:
         spec = guest_spec(image, first.name, marker=name)
         del spec["nodeName"]
