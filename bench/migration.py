@@ -359,7 +359,7 @@ def drain(bench: Bench, bed: LibvirtHosts, image: GuestImage, history: History, 
               "--parallel-migrations-per-node 2 (default): must be <= 2")
     drained = bench.custom.get_cluster_custom_object(GROUP, VERSION, "libvirtnodes", first.name)
     bench.add(scenario, "node_status_drain", json.dumps((drained.get("status") or {}).get("drain")), "",
-              f"LibvirtNode {first.name} status.drain after the drain")
+              f"LibvirtNode {first.name} status.drain read at once after the drain (its agent rewrites it at its heartbeat)")
     patch_node(bench, first.name, {"drain": False})
     bench.delete_all(NAMESPACE, timeout=300)
 
