@@ -47,6 +47,8 @@ NAMESPACE = "bench-moves"
 BED_PREFIX = "lvo-hb"
 EMPTY_DISK = {"name": "data", "emptyDisk": {"size": "64Mi"}}
 BOOTED = b"LVO-GUEST-READY"
+# The drain's 10 one-vCPU guests all on one host of this machine's 2 CPUs (the default ratio, 4, places 8).
+BED_AGENT_ARGS = ("--cpu-allocation-ratio", "8")
 PLACEMENT_LEASE = ("libvirt-operator-placement", "kube-system")
 VirtualMachine = dict[str, Any]
 
@@ -120,7 +122,7 @@ def bed_with_agents(bench: Bench, image: GuestImage) -> Iterator[LibvirtHosts]:
         bed.start()
         bed.copy_in(image.kernel, image.initrd)
         for host in bed.hosts:
-            agent = bed.agent(host, bench.workdir / "agents", bench.plane.admin_kubeconfig)
+            agent = bed.agent(host, bench.workdir / "agents", bench.plane.admin_kubeconfig, *BED_AGENT_ARGS)
             bench.agents.append(agent)
             agent.start(timeout=120)
         wait_published(bench, [host.name for host in bed.hosts])
