@@ -7,6 +7,7 @@ Starts a local control plane (etcd + kube-apiserver), then:
   1.   rollout of real QEMU guests on qemu:///system
   4.   restart of the QEMU agent: domains restarted must be 0
   5.   reaction to out-of-band virsh destroy / suspend
+  6.   live moves on a bed of two libvirt hosts: operator vs virsh migrate, downtime, a drain (bench/migration.py)
   +    bench/host_listing.py (Host listing + bulk stats vs legacy per-domain calls)
 Prints a table, then one JSON object per line per figure (scenario, figure, value, unit[, note]).
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fleet  # noqa: E402
+import migration  # noqa: E402
 import reaction  # noqa: E402
 import restart  # noqa: E402
 import rollout  # noqa: E402
@@ -32,9 +34,9 @@ from common import Bench, Figure, bench_environment, exit_on_signals, log, remov
 SIZES = {
     # test-driver N, second (small) N, steady window s, QEMU guests, restart guests (min), reaction commands
     False: dict(n=1000, small=100, window=60, qemu=50, qemu_restart=10, reactions=50, listing=(),
-                fleet_n=10_000, fleet_k=10, fleet_window=60),
+                fleet_n=10_000, fleet_k=10, fleet_window=60, move_rounds=5, moves=20, drained=10),
     True: dict(n=60, small=6, window=12, qemu=5, qemu_restart=3, reactions=5, listing=("--quick",),
-               fleet_n=300, fleet_k=3, fleet_window=20),
+               fleet_n=300, fleet_k=3, fleet_window=20, move_rounds=2, moves=4, drained=4),
 }
 STEADY_ARGS = ("--resync-seconds", str(steady_state.RESYNC_SECONDS), "--relist-seconds", str(steady_state.RESYNC_SECONDS))
 
@@ -158,7 +160,7 @@ def print_figures(figures: list[Figure]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small N, under two minutes")
-    parser.add_argument("--only", choices=("test", "fleet", "qemu", "listing"), action="append",
+    parser.add_argument("--only", choices=("test", "fleet", "qemu", "migration", "listing"), action="append",
                         help="run only these parts (repeatable; default all)")
     parser.add_argument("--domain-type", choices=("qemu", "kvm"), default="qemu",
                         help="spec.domainType of the real guests (default qemu: TCG, as the e2e tests)")
@@ -168,7 +170,7 @@ def main() -> int:
     parser.add_argument("--profile-dir", type=Path, help="run the rollout agents under pyinstrument, reports here")
     args = parser.parse_args()
     size = {**SIZES[args.quick], "domain_type": args.domain_type, "guest_cpu_cgroup": args.guest_cpu_cgroup == "on"}
-    parts = args.only or ["test", "fleet", "qemu", "listing"]
+    parts = args.only or ["test", "fleet", "qemu", "migration", "listing"]
     began = time.monotonic()
     exit_on_signals()
     if args.profile_dir:
@@ -182,6 +184,8 @@ def main() -> int:
                 fleet.decision_cost(bench)
             if "qemu" in parts:
                 qemu_scenarios(bench, size, args.profile_dir)
+            if "migration" in parts:
+                migration.migration(bench, size["move_rounds"], size["moves"], size["drained"])
             if "listing" in parts:
                 host_listing(bench, size)
         finally:

@@ -7,6 +7,7 @@ VirtualMachineMigration's status in step with the move it asked for.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import time
@@ -60,6 +61,7 @@ class MoveAdmission:
         self.waiting: set[str] = set()
         """VMs whose move waits for room under the parallel bounds (or for a retry)."""
         self._failure_seen: dict[tuple[str, str], float] = {}
+        self._deciding = asyncio.Lock()
 
     # --- VirtualMachineMigrations ------------------------------------------------------------
 
@@ -143,15 +145,18 @@ class MoveAdmission:
                 self.waiting.add(uid)
                 return False
         source = status["nodeName"]
-        if not self._room(source, wanted.target):
-            self.waiting.add(uid)
-            return False
-        self.waiting.discard(uid)
         failures = last.failures if last is not None and last.phase == FAILED and last.id == wanted.id else 0
         move = Move(id=wanted.id, trigger=wanted.trigger, source=source, target=wanted.target or "", phase=SCHEDULED,
                     migration_name=wanted.request["metadata"]["name"] if wanted.request else None,
                     start_time=self._now(), failures=failures)
-        await self.write_status(body, with_move(status, move), body["metadata"]["resourceVersion"])
+        # Several workers decide at once: the room is counted and taken in one step (the write puts the move
+        # into `bodies`, which the next count reads).
+        async with self._deciding:
+            if not self._room(source, wanted.target):
+                self.waiting.add(uid)
+                return False
+            self.waiting.discard(uid)
+            await self.write_status(body, with_move(status, move), body["metadata"]["resourceVersion"])
         log.info("move of %s/%s scheduled: %s -> %s (%s)", body["metadata"]["namespace"], body["metadata"]["name"],
                  source, move.target, move.trigger)
         return True
