@@ -3,6 +3,7 @@ move, when a move is scheduled and to where, the parallel bounds, retries, and V
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from typing import Any
 
@@ -90,6 +91,7 @@ class Recorder:
         self.request_writes: list[tuple[str, dict[str, Any]]] = []
 
     async def write_status(self, body: dict[str, Any], status: dict[str, Any], resource_version: str | None) -> None:
+        await asyncio.sleep(0.01)  # the API server's round trip: other decisions run meanwhile
         self.vm_writes.append((body["metadata"]["name"], status, resource_version))
         body["status"] = status
 
@@ -219,3 +221,10 @@ def test_progress_is_what_is_left_to_send_shrinking_within_each_phase_of_the_mov
     # a stream that stalls (the link cut) does not shrink what is left: the stall counts from the last shrink
     assert watermark.stalled(JobProgress(9100, memory, 16 << 20, memory - (16 << 20)), now=9.0) == 4.0
     assert watermark.stalled(JobProgress(20100, memory, 16 << 20, memory - (16 << 20)), now=20.0) == 15.0
+
+
+async def test_moves_decided_at_the_same_moment_still_keep_the_bound() -> None:
+    first, second = vm("x", "a", pinned="b"), vm("y", "a", pinned="c")
+    admit, recorder = admission(first, second, policy=MigrationPolicy(parallel_per_node=1))
+    assert sorted(await asyncio.gather(admit.duty(first), admit.duty(second))) == [False, True]
+    assert len(recorder.vm_writes) == 1
