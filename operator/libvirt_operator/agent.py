@@ -266,8 +266,8 @@ class Agent:
         """An error the agent does not expect still reaches the VM's status (Reconciling, while it retries)
         and an Event, once per distinct message."""
         body = self.bodies.get(uid)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
+        if body is None or body["metadata"].get("deletionTimestamp") or not nodes.runs_here(body, self.fleet):
+            return  # the status is the running node's: another agent's error must not write its node name there
         run = VMRun(self, body)
         run.problem = reconcile.Problem("ReconcileError", f"unexpected {type(error).__name__}: {error}; retrying",
                                         stalled=False)

@@ -12,6 +12,7 @@ import functools
 import io
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +237,7 @@ class Provisioner:
             os.replace(staged, settings.storage_pool_path / name)
         finally:
             part.unlink(missing_ok=True)
-        self.pool(field_path).refresh(0)
+        refresh_pool(self.pool(field_path))
         return self.existing(name, field_path)
 
     def volume(self, disk: Disk, field_path: str) -> ResolvedDisk:
@@ -291,6 +292,23 @@ def provision_disks(
         return provisioner.provision(confine_spec(spec, settings.allowed_roots))
 
 
+POOL_BUSY_RETRIES = 50
+
+
+def refresh_pool(pool: libvirt.virStoragePool) -> None:
+    """Rescans the pool's directory; libvirt refuses while a volume of it is being built or uploaded (another VM's
+    disk), for a moment: tried again."""
+    for attempt in range(POOL_BUSY_RETRIES):
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError as error:
+            busy = error.get_error_code() == libvirt.VIR_ERR_INTERNAL_ERROR and "asynchronous jobs" in str(error)
+            if not busy or attempt == POOL_BUSY_RETRIES - 1:  # libvirt gives this refusal no code of its own
+                raise
+            time.sleep(0.1)
+
+
 def delete_owned_volumes(conn: libvirt.virConnect, uid: str, settings: AgentSettings) -> list[str]:
     """Deletes the VM's own volumes (named `{uid}-...`) and NVRAM file; returns the deleted volume names."""
     if not uid:
@@ -299,7 +317,7 @@ def delete_owned_volumes(conn: libvirt.virConnect, uid: str, settings: AgentSett
     pool = lookup(lambda: conn.storagePoolLookupByName(settings.storage_pool), libvirt.VIR_ERR_NO_STORAGE_POOL)
     if pool is None or not pool.isActive():
         return []
-    pool.refresh(0)
+    refresh_pool(pool)
     deleted = []
     for volume in pool.listAllVolumes(0):
         if volume.name().startswith(f"{uid}-"):
