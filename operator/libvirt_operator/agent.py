@@ -252,6 +252,8 @@ class Agent:
                               quiet=error.status == 409)
         except HostUnavailable as error:  # the health listener makes the node's VMs read Unknown
             self._retry_later(uid, str(error))
+        except LibvirtError as error:  # a step outside a VM's run (a move's, a copy's removal): tried again
+            self._retry_later(uid, f"libvirt: {error}")
         except urllib3.exceptions.HTTPError as error:  # the API server is unreachable: nothing to report to
             self._retry_later(uid, f"the API server is unreachable: {error}")
         except Exception as error:
