@@ -26,7 +26,7 @@ GRANTED = {
     ("virtualmachines.libvirt-operator.io/status", "", "patch"),
     ("virtualmachinemigrations.libvirt-operator.io", "", "list watch"),
     ("virtualmachinemigrations.libvirt-operator.io/status", "", "patch"),
-    ("libvirtnodes.libvirt-operator.io", "", "create list"),
+    ("libvirtnodes.libvirt-operator.io", "", "create list watch"),
     ("libvirtnodes.libvirt-operator.io/status", "", "patch"),
     ("secrets", "", "get"),
     ("events", "", "create"),

@@ -189,10 +189,26 @@ class Agent:
         elif self.election.leading and event_type != "DELETED":
             self._background(self.admission.fail_orphan_requests())
 
+    def observe_node(self, event_type: str, body: Mapping[str, Any]) -> None:
+        """A watch event for a LibvirtNode: an admin's word (cordon, drain, labels, a deletion) or a node not known
+        yet is acted on at once, with a heartbeat (which re-lists the fleet); its own renewals wait for the next."""
+        view = self.fleet.nodes.get(body["metadata"]["name"])
+        labels = body["metadata"].get("labels") or {}
+        if event_type == "DELETED" or view is None or view.spec != (body.get("spec") or {}) or view.labels != labels:
+            self._background(self.node.heartbeat())
+
     def _background(self, job: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(job)
         self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._jobs.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, UNAVAILABLE):
+            log.warning("a background job failed: %s", error)
+        elif error is not None:
+            log.error("a background job failed unexpectedly", exc_info=error)
 
     async def remove_orphans(self) -> None:
         """Removes the listed domains whose VM is gone: deleted past its finalizer while no agent

@@ -1,5 +1,5 @@
-"""kopf wiring, and nothing else: watch VirtualMachines and VirtualMachineMigrations, hand every body to
-the agent.
+"""kopf wiring, and nothing else: watch VirtualMachines, VirtualMachineMigrations and LibvirtNodes, hand every
+body to the agent.
 
 Only `on.event` (level-triggered, no diff bookkeeping, no kopf annotations or finalizers on
 the objects), startup/cleanup for the agent's lifetime, and a liveness probe.
@@ -18,7 +18,7 @@ import kopf
 
 from libvirt_operator import API_GROUP, API_VERSION, PLURAL
 from libvirt_operator.agent import Agent
-from libvirt_operator.kube import MIGRATION_PLURAL
+from libvirt_operator.kube import MIGRATION_PLURAL, NODE_PLURAL
 
 LIBVIRT_THREADS = 32
 
@@ -71,6 +71,10 @@ def build_registry(make_agent: Callable[[], Agent]) -> kopf.OperatorRegistry:
     @kopf.on.event(API_GROUP, API_VERSION, MIGRATION_PLURAL, registry=registry)
     async def migration_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
         memo.agent.observe_migration(event.get("type") or "ADDED", event["object"])
+
+    @kopf.on.event(API_GROUP, API_VERSION, NODE_PLURAL, registry=registry)
+    async def libvirt_node_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+        memo.agent.observe_node(event.get("type") or "ADDED", event["object"])
 
     @kopf.on.probe(id="agent", registry=registry)
     async def agent_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
