@@ -15,6 +15,7 @@ from libvirt_operator.migration import Move, migrating_condition, not_migratable
 from libvirt_operator.model import MigrationPolicy
 from libvirt_operator.move_admission import MoveAdmission
 from libvirt_operator.nodes import Role
+from libvirt_operator.scheduler import Scheduler
 from libvirt_operator.spec import parse_spec
 from libvirt_operator.vm_move import ProgressWatermark
 from test_placement import fleet_of, node
@@ -228,3 +229,18 @@ async def test_moves_decided_at_the_same_moment_still_keep_the_bound() -> None:
     admit, recorder = admission(first, second, policy=MigrationPolicy(parallel_per_node=1))
     assert sorted(await asyncio.gather(admit.duty(first), admit.duty(second))) == [False, True]
     assert len(recorder.vm_writes) == 1
+
+
+# --- the placing agent's Pending, while it has not seen every node renew --------------------------
+
+async def test_no_pending_is_written_while_a_node_not_yet_seen_renewing_would_take_the_vm() -> None:
+    recorder = Recorder()
+    fleet, _ = fleet_of(node("a", memory=1 << 30), node("b"), me="a", seen_renewing=False)
+    scheduler = Scheduler(recorder, fleet, placement.Ledger(), recorder.write_status, lambda: NOW)
+    small, huge = vm("small", None, memory="2Gi"), vm("huge", None, memory="64Gi")
+    small["status"] = huge["status"] = {}
+    await scheduler.duty(small)
+    assert recorder.vm_writes == [] and "uid-small" in scheduler.waiting  # b, unconfirmed, would take it
+    await scheduler.duty(huge)
+    [(name, status, _)] = recorder.vm_writes
+    assert name == "huge" and status["printableStatus"] == "Pending"  # no node would: said at once

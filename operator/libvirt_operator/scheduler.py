@@ -139,10 +139,14 @@ class Scheduler:
             return
         await self._place(body, placement.request_of(parsed))
 
-    def _nodes_unconfirmed(self) -> bool:
-        """Some live node was not yet seen renewing (this agent has just started deciding): it may well take the VM
-        within a heartbeat, when the fleet's change looks at every waiting VM again; no Pending is written meanwhile."""
-        return any(view.live and not view.renewal_seen for view in self.fleet.nodes.values())
+    def _fits_an_unconfirmed_node(self, request: placement.Request) -> bool:
+        """Whether a live node not yet seen renewing (this agent has just started deciding) would take the VM: it
+        likely will within a heartbeat, when the fleet's change looks at every waiting VM again; no Pending is
+        written meanwhile."""
+        unconfirmed = [replace(view, renewal_seen=True) for view in self.fleet.nodes.values()
+                       if view.live and not view.renewal_seen]
+        return bool(unconfirmed) and placement.choose(request, placement.node_offers(unconfirmed), self.ledger).node \
+            is not None
 
     def _live(self) -> list[str]:
         return sorted(name for name in self.fleet.nodes if self.fleet.live(name))
@@ -155,7 +159,7 @@ class Scheduler:
         self.decision_seconds += time.monotonic() - began
         if choice.node is None:
             self.waiting.add(uid)
-            if not self._nodes_unconfirmed():
+            if not self._fits_an_unconfirmed_node(request):
                 await self._pending(body, "Unschedulable", choice.message)
             return
         self.waiting.discard(uid)
