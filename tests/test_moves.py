@@ -244,3 +244,16 @@ async def test_no_pending_is_written_while_a_node_not_yet_seen_renewing_would_ta
     await scheduler.duty(huge)
     [(name, status, _)] = recorder.vm_writes
     assert name == "huge" and status["printableStatus"] == "Pending"  # no node would: said at once
+
+
+async def test_a_nodename_naming_a_node_that_cannot_take_the_vm_live_says_why_once_and_keeps_it_running() -> None:
+    body = vm("x", "a", pinned="b", disks=[{"name": "fast", "volume": {"pool": "nvme", "name": "x-data"}}])
+    admit, recorder = admission(body)
+    assert not await admit.duty(body)
+    [(name, status, resource_version)] = recorder.vm_writes
+    move = status["migration"]
+    assert (move["phase"], move["target"], resource_version) == ("Failed", "b", "7")
+    assert move["message"] == "node b cannot take the VM live: node b lacks the storage pool(s) nvme the VM's volumes are in"
+    assert status["nodeName"] == "a"
+    assert not await admit.duty(body)
+    assert len(recorder.vm_writes) == 1

@@ -187,7 +187,12 @@ class MoveAdmission:
         parsed = parse_spec(spec)
         pinned = spec.get("nodeName")
         if pinned and pinned != placed:
-            return self._checked(Wanted(NODE_NAME, pinned, f"nodeName-{meta.get('generation', 1)}"), parsed, placed)
+            wanted = Wanted(NODE_NAME, pinned, f"nodeName-{meta.get('generation', 1)}")
+            incompatible = self._incompatible(parsed, placed, pinned)
+            if incompatible is not None:
+                await self._refuse_pinned(body, wanted, incompatible)
+                return None
+            return self._checked(wanted, parsed, placed)
         if request is not None:
             wanted = self._checked(Wanted(MIGRATION, (request.get("spec") or {}).get("targetNode"),
                                           request["metadata"]["uid"], request), parsed, placed)
@@ -246,14 +251,33 @@ class MoveAdmission:
             return f"node {target} has no live libvirt-operator agent"
         if not self._published(target):
             return f"node {target} publishes no migration URI (its agent's --migration-uri)"
+        return self._incompatible(spec, source, target)
+
+    def _incompatible(self, spec: VMSpec, source: str, target: str) -> str | None:
+        """Why the target can never take this VM live as it is (its CPU, its volumes' pools), None when it can."""
         cpu = self._cpu_problem(spec, source, target)
         if cpu is not None:
             return cpu
-        offered = frozenset((self.fleet.nodes[target].status.get("offers") or {}).get("pools") or ())
+        view = self.fleet.nodes.get(target)
+        offered = frozenset(((view.status.get("offers") or {}).get("pools") or ()) if view is not None else ())
         missing = volume_pools(spec) - offered
         if missing:
             return f"node {target} lacks the storage pool(s) {', '.join(sorted(missing))} the VM's volumes are in"
         return None
+
+    async def _refuse_pinned(self, body: dict[str, Any], wanted: Wanted, why: str) -> None:
+        """spec.nodeName names a node that cannot take the VM live: the VM stays where it runs and its move reads
+        Failed saying why (once; looked at again after the retry delay, in case the node changed)."""
+        status = body.get("status") or {}
+        last = Move.of(status)
+        message = f"node {wanted.target} cannot take the VM live: {why}"
+        if last is not None and last.id == wanted.id and last.phase == FAILED and last.message == message:
+            return
+        now = self._now()
+        move = Move(id=wanted.id, trigger=NODE_NAME, source=status["nodeName"], target=wanted.target or "",
+                    phase=FAILED, start_time=now, end_time=now, message=message,
+                    failures=(last.failures if last is not None and last.id == wanted.id else 0) + 1)
+        await self.write_status(body, with_move(status, move), body["metadata"]["resourceVersion"])
 
     async def _refuse(self, request: dict[str, Any], spec: VMSpec, source: str) -> None:
         """A named target that cannot take the VM fails the request; with no target named, it waits for room."""
