@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from e2e import Kubectl, bed_agents, event_reasons, get_vm, guest_spec, vm_manifest, wait_until, wait_vm
+from lvo_testing.agent_process import AgentProcess
 from lvo_testing.controlplane import ControlPlane
 from lvo_testing.guest_counter import boots, counts, counts_on_disk, read_log, shows_reboot
 from lvo_testing.libvirt_env import GuestImage
@@ -33,9 +34,10 @@ def bed(guest_image: GuestImage) -> Iterator[LibvirtHosts]:
 
 
 @pytest.fixture(scope="module")
-def agents(bed: LibvirtHosts, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    with bed_agents(bed, control_plane, tmp_path_factory.mktemp("moves"), NAMESPACE):
-        yield
+def agents(bed: LibvirtHosts, control_plane: ControlPlane,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentProcess]]:
+    with bed_agents(bed, control_plane, tmp_path_factory.mktemp("moves"), NAMESPACE) as agents:
+        yield agents
 
 
 def domains(host: BedHost) -> dict[str, str]:
@@ -115,7 +117,7 @@ def assert_moved_alive(kubectl: Kubectl, name: str, uid: str, source: BedHost, t
 
 
 def test_a_running_vm_moves_live_when_its_nodename_changes(
-        bed: LibvirtHosts, agents: None, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+        bed: LibvirtHosts, agents: dict[str, AgentProcess], control_plane: ControlPlane, guest_image: GuestImage) -> None:
     kubectl = control_plane.kubectl
     source, target = bed.hosts
     name = "by-nodename"
@@ -131,6 +133,7 @@ def test_a_running_vm_moves_live_when_its_nodename_changes(
     assert status["migration"]["trigger"] == "NodeName"
     assert_moved_alive(kubectl, name, uid, source, target, watch)
     assert {"Migrating", "Migrated"} <= set(event_reasons(kubectl, name, NAMESPACE))
+    assert 'libvirt_operator_moves_total{outcome="Succeeded"} 1.0' in agents[source.name].metrics()
     kubectl("delete", "vm", name, "-n", NAMESPACE, "--timeout=120s", timeout=150)
     assert not [v for v in volumes(target) if v.startswith(uid)]
     assert f"{NAMESPACE}_{name}" not in domains(target)
@@ -141,7 +144,7 @@ def migration_status(kubectl: Kubectl, name: str) -> dict[str, Any]:
 
 
 def test_a_virtualmachinemigration_moves_the_vm_and_records_the_outcome(
-        bed: LibvirtHosts, agents: None, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+        bed: LibvirtHosts, agents: dict[str, AgentProcess], control_plane: ControlPlane, guest_image: GuestImage) -> None:
     kubectl = control_plane.kubectl
     name = "by-request"
     uid = counting_vm(kubectl, guest_image, name, None)
@@ -178,7 +181,7 @@ def node_status(kubectl: Kubectl, node: str) -> dict[str, Any]:
 
 
 def test_a_drain_moves_every_vm_it_may_and_names_those_that_block_it(
-        bed: LibvirtHosts, agents: None, control_plane: ControlPlane, guest_image: GuestImage) -> None:
+        bed: LibvirtHosts, agents: dict[str, AgentProcess], control_plane: ControlPlane, guest_image: GuestImage) -> None:
     kubectl = control_plane.kubectl
     source, target = bed.hosts
 

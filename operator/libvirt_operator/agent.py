@@ -146,7 +146,7 @@ class Agent:
             domain_states=Counter(snapshot.state for snapshot in self.cache.snapshots().values()),
             foreign_domains=self.cache.foreign_domains, queue_depth=len(self.queue), libvirt_connected=host.connected,
             placement_leader=self.election.leading, placement_decisions=scheduler.decisions,
-            placement_decision_seconds=scheduler.decision_seconds)
+            placement_decision_seconds=scheduler.decision_seconds, moves=Counter(self.moves.outcomes))
 
     # --- wake-ups ----------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -41,6 +41,8 @@ class Readings:
     placement_leader: bool
     placement_decisions: int
     placement_decision_seconds: float
+    moves: Counter[str] = field(default_factory=Counter)
+    """Live moves this agent ran as the source, by outcome (Succeeded, Failed)."""
 
 
 class AgentCollector:
@@ -74,6 +76,8 @@ class AgentCollector:
                                   value=now.placement_decisions)
         yield CounterMetricFamily(f"{PREFIX}_placement_decision_seconds", "Time spent choosing nodes.",
                                   value=now.placement_decision_seconds)
+        yield _labelled(CounterMetricFamily, f"{PREFIX}_moves", "Live moves run from this host, by outcome.",
+                        ["outcome"], now.moves)
         yield from EVENT_TO_STATUS.collect()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -237,6 +238,7 @@ class Outbound:
         status = with_condition(with_move(status, move), "Migrating", "False", *migrating_condition(move)[1:],
                                 run.agent.clock(), generation)
         await self.agent.status.write(run.body, status)
+        self.agent.moves.outcomes[SUCCEEDED] += 1
         await self.agent.status.post_events(run.body, [Event(
             "Normal", "Migrated", f"moved live from {move.source} to {move.target} in {seconds:.1f}s")])
 
@@ -248,6 +250,7 @@ class Outbound:
         run = self.run
         run.view = replace(run.view, status=with_move(run.view.status, move))
         await self.agent.status.write(run.body, run.decide_now().status)
+        self.agent.moves.outcomes[FAILED] += 1
         await self.agent.status.post_events(run.body, [Event(
             "Warning", "MigrationFailed", f"the move from {move.source} to {move.target} failed: {why}; "
             f"the guest runs on {move.source}")])
@@ -262,6 +265,8 @@ class MoveSteps:
         """When this agent first saw each move Scheduled (its own clock: the prepare timeout runs from here)."""
         self.cleaned: set[tuple[str, str]] = set()
         self.noted: set[tuple[str, str]] = set()
+        self.outcomes: Counter[str] = Counter()
+        """Moves run from here, by outcome (for /metrics)."""
 
     async def reconcile(self, run: VMRun, role: Role) -> bool:
         """Takes this agent's step of the VM's move, if it owes one; True when nothing else is to be done now."""
