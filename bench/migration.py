@@ -354,14 +354,14 @@ def drain(bench: Bench, bed: LibvirtHosts, image: GuestImage, history: History, 
     bench.add(scenario, "drain_seconds", max(done) - began, "s",
               f"{count} guests, drain patch to the last seen Ready on {second.name}")
     bench.add(scenario, "drain_first_move_seconds", scheduled - began, "s",
-              "drain patch to the first move scheduled: the placing agent reads LibvirtNodes' spec only when it "
-              "re-lists them after its heartbeat (every 20 s)")
+              "drain patch to the first move scheduled (agents watch LibvirtNodes: the admin's edit is acted on "
+              "at once)")
     bench.add(scenario, "most_moves_in_flight", history.most_moving, "moves",
               "phase Scheduled/TargetReady/Running at once, over every VM watch event; bound "
               "--parallel-migrations-per-node 2 (default): must be <= 2")
     drained = bench.custom.get_cluster_custom_object(GROUP, VERSION, "libvirtnodes", first.name)
     bench.add(scenario, "node_status_drain", json.dumps((drained.get("status") or {}).get("drain")), "",
-              f"LibvirtNode {first.name} status.drain read at once after the drain (its agent rewrites it at its heartbeat)")
+              f"LibvirtNode {first.name} status.drain read at once after the drain (its agent rewrites it when its counts change, within seconds)")
     patch_node(bench, first.name, {"drain": False})
     bench.delete_all(NAMESPACE, timeout=300)
 
