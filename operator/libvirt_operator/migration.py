@@ -15,7 +15,6 @@ resourceVersion precondition, so exactly one agent acts on the VM at any time:
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,10 +82,6 @@ def active_move(status: Mapping[str, Any]) -> Move | None:
 
 def with_move(status: Mapping[str, Any], move: Move) -> dict[str, Any]:
     return {**status, "migration": move.to_status()}
-
-
-def format_time(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def not_migratable(spec: VMSpec) -> tuple[str, str] | None:

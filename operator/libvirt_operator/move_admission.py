@@ -18,11 +18,12 @@ from typing import Any
 from libvirt_operator import placement
 from libvirt_operator.kube import KubeClient
 from libvirt_operator.migration import (
-    DRAIN, FAILED, LIVE_STATES, MIGRATION, NODE_NAME, SCHEDULED, SUCCEEDED, Move, format_time, not_migratable, volume_pools,
+    DRAIN, FAILED, LIVE_STATES, MIGRATION, NODE_NAME, SCHEDULED, SUCCEEDED, Move, not_migratable, volume_pools,
     with_move,
 )
 from libvirt_operator.model import MigrationPolicy
 from libvirt_operator.nodes import Fleet
+from libvirt_operator.reconcile import format_time
 from libvirt_operator.scheduler import WriteStatus
 from libvirt_operator.spec import SpecError, VMSpec, parse_spec
 
