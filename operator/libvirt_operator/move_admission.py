@@ -180,12 +180,11 @@ class MoveAdmission:
         placed = status.get("nodeName")
         requests = self._open_requests(body)
         request = requests[0] if requests else None
-        why_not = self._why_not_movable(body, placed)
-        if why_not is not None:
+        why_not, parsed = self._movable(body, placed)
+        if parsed is None:
             if request is not None:
                 await self._set_request(request, {"phase": FAILED, "endTime": self._now(), "message": why_not})
             return None
-        parsed = parse_spec(spec)
         pinned = spec.get("nodeName")
         if pinned and pinned != placed:
             wanted = Wanted(NODE_NAME, pinned, f"nodeName-{meta.get('generation', 1)}")
@@ -205,19 +204,20 @@ class MoveAdmission:
             return self._checked(Wanted(DRAIN, None, f"drain-{placed}"), parsed, placed)
         return None
 
-    def _why_not_movable(self, body: Mapping[str, Any], placed: str | None) -> str | None:
+    def _movable(self, body: Mapping[str, Any], placed: str | None) -> tuple[str, VMSpec | None]:
+        """The VM's parsed spec when it can move live, else (why not, None)."""
         status = body.get("status") or {}
         if not placed or not self.fleet.live(placed):
-            return f"the VM runs on no live node (status.nodeName {placed!r})"
+            return f"the VM runs on no live node (status.nodeName {placed!r})", None
         state = (status.get("domain") or {}).get("state")
         if state not in LIVE_STATES:
-            return f"the VM is not running (its domain is {state or 'not defined'}): only a running VM moves live"
+            return f"the VM is not running (its domain is {state or 'not defined'}): only a running VM moves live", None
         try:
             parsed = parse_spec(body.get("spec") or {})
         except SpecError as error:
-            return f"the spec is invalid: {error}"
+            return f"the spec is invalid: {error}", None
         reason = not_migratable(parsed)
-        return reason[1] if reason is not None else None
+        return (reason[1], None) if reason is not None else ("", parsed)
 
     def _checked(self, wanted: Wanted, spec: VMSpec, source: str) -> Wanted | None:
         """The wanted move with its target: the one named if it can take the VM, else the placement's pick."""
