@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from libvirt_operator import nodes, placement
+from libvirt_operator import move_admission, nodes, placement
 from libvirt_operator.guest_migration import JobProgress
+from libvirt_operator.heartbeat import drain_status
 from libvirt_operator.migration import Move, migrating_condition, not_migratable
 from libvirt_operator.model import MigrationPolicy
 from libvirt_operator.move_admission import MoveAdmission
 from libvirt_operator.nodes import Role
+from libvirt_operator.reconcile import decide
 from libvirt_operator.scheduler import Scheduler
 from libvirt_operator.spec import parse_spec
 from libvirt_operator.vm_move import ProgressWatermark
-from test_placement import fleet_of, node
+from libvirt_operator.vm_status import VMView
+from test_placement import fleet_of, node, renewed
 
 pytestmark = pytest.mark.unit
 
@@ -38,6 +43,14 @@ def vm(name: str, placed: str | None, *, pinned: str | None = None, state: str =
         status["migration"] = migration
     return {"metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}", "resourceVersion": "7", "generation": 3},
             "spec": {"memory": "512Mi", **({"nodeName": pinned} if pinned else {}), **spec}, "status": status}
+
+
+def view(status: dict[str, Any]) -> VMView:
+    return VMView(name="x", generation=3, spec={"memory": "512Mi"}, spec_hash="h", status=status)
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == kind)
 
 
 def active(source: str, target: str, phase: str = "Running", id: str = "m") -> dict[str, Any]:
@@ -254,6 +267,51 @@ async def test_a_nodename_naming_a_node_that_cannot_take_the_vm_live_says_why_on
     move = status["migration"]
     assert (move["phase"], move["target"], resource_version) == ("Failed", "b", "7")
     assert move["message"] == "node b cannot take the VM live: node b lacks the storage pool(s) nvme the VM's volumes are in"
-    assert status["nodeName"] == "a"
+    assert status["nodeName"] == "a" and move["reason"] == "TargetIncompatible"
     assert not await admit.duty(body)
     assert len(recorder.vm_writes) == 1
+    migratable = condition(decide(view(status), None, NOW, "a").status, "Migratable")
+    assert (migratable["status"], migratable["reason"], migratable["message"]) == \
+        ("False", "TargetIncompatible", move["message"])
+
+
+async def test_a_vm_no_node_can_take_live_reads_migratable_false_and_blocks_the_drain_saying_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts = (host("a", unschedulable=True), host("b"), host("c"))
+    hosts[0]["spec"]["drain"] = True
+    hosts[0]["status"]["offers"]["pools"] = ["default", "nvme"]
+    body = vm("x", "a", disks=[{"name": "fast", "volume": {"pool": "nvme", "name": "x-data"}}])
+    admit, recorder = admission(body, hosts=hosts)
+    assert not await admit.duty(body)
+    [(_, status, _)] = recorder.vm_writes
+    move = status["migration"]
+    assert (move["phase"], move["trigger"], move["reason"]) == ("Failed", "Drain", "NoCompatibleNode")
+    assert move["message"] == ("no node can take the VM live: node b lacks the storage pool(s) nvme the VM's volumes "
+                               "are in; node c lacks the storage pool(s) nvme the VM's volumes are in")
+    body["status"] = {**decide(view(status), None, NOW, "a").status, "domain": {"state": "running"}}
+    assert condition(body["status"], "Migratable")["reason"] == "NoCompatibleNode"
+    drain = drain_status(admit.fleet.nodes["a"], [body])
+    assert drain["state"] == "Blocked" and drain["blockedBy"] == [{"vm": "ns/x", "reason": move["message"]}]
+    hosts[2]["status"]["offers"]["pools"] = ["default", "nvme"]  # a node that can take it joins
+    admit.fleet.observe([renewed(h) for h in hosts])
+    admit.fleet.observe([renewed(renewed(h)) for h in hosts])
+    assert not await admit.duty(body) and "uid-x" in admit.waiting  # the retry delay first
+    later = time.monotonic() + 31
+    monkeypatch.setattr(move_admission, "time", SimpleNamespace(monotonic=lambda: later))
+    assert await admit.duty(body)
+    assert (body["status"]["migration"]["phase"], body["status"]["migration"]["target"]) == ("Scheduled", "c")
+    assert condition(decide(view(body["status"]), None, NOW, "a").status, "Migratable")["status"] == "True"
+
+
+async def test_a_request_naming_a_node_that_cannot_take_the_vm_fails_and_the_vm_says_why() -> None:
+    body = vm("x", "a", disks=[{"name": "fast", "volume": {"pool": "nvme", "name": "x-data"}}])
+    admit, recorder = admission(body)
+    admit.observe("ADDED", request("to-b", "x", target="b"))
+    assert not await admit.duty(body)
+    [(_, status, _)] = recorder.vm_writes
+    assert (status["migration"]["id"], status["migration"]["reason"]) == ("req-to-b", "TargetIncompatible")
+    [(name, patch)] = recorder.request_writes
+    assert (name, patch["phase"], patch["targetNode"]) == ("to-b", "Failed", "b")
+    assert patch["message"] == status["migration"]["message"]
+    assert not await admit.duty(body)  # the request ended: nothing more
+    assert len(recorder.vm_writes) == 1 and len(recorder.request_writes) == 1

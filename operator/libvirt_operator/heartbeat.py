@@ -20,7 +20,7 @@ from libvirt_operator.domains import DomainCache
 from libvirt_operator.election import Election
 from libvirt_operator.host import Host, HostCapacity, HostUnavailable
 from libvirt_operator.kube import KubeClient, now_iso
-from libvirt_operator.migration import LIVE_STATES
+from libvirt_operator.migration import LIVE_STATES, TARGET_INCOMPATIBLE
 from libvirt_operator.model import AgentSettings, Tuning
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _drain_blocker(body: Mapping[str, Any], node: str) -> str | None:
     if (body.get("spec") or {}).get("nodeName") == node:
         return f"pinned: spec.nodeName is {node}"
     unmovable = next((c for c in status.get("conditions", []) if c.get("type") == "Migratable"
-                      and c.get("status") == "False"), None)
+                      and c.get("status") == "False" and c.get("reason") != TARGET_INCOMPATIBLE), None)
     if unmovable is not None:
         return unmovable.get("message", "not migratable")
     if (status.get("domain") or {}).get("state") not in LIVE_STATES:

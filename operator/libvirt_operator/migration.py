@@ -30,6 +30,10 @@ LIVE_STATES = ("running", "blocked", "paused")
 NODE_NAME, MIGRATION, DRAIN = "NodeName", "Migration", "Drain"
 """What asked for the move: a `spec.nodeName` edit, a VirtualMachineMigration, a drain of the source."""
 
+TARGET_INCOMPATIBLE, NO_COMPATIBLE_NODE = "TargetIncompatible", "NoCompatibleNode"
+"""`status.migration.reason` of a move refused before it began: the node asked for, or every node, cannot give
+what the VM needs as it is (its volumes' pools, its host-passthrough CPU). The VM reads Migratable=False."""
+
 
 @dataclass(frozen=True)
 class Move:
@@ -44,6 +48,7 @@ class Move:
     start_time: str | None = None
     end_time: str | None = None
     message: str = ""
+    reason: str | None = None
     failures: int = 0
     downtime_ms: int | None = None
     data_total: int | None = None
@@ -57,7 +62,7 @@ class Move:
         return cls(id=block.get("id", ""), trigger=block.get("trigger", ""), source=block.get("source", ""),
                    target=block.get("target", ""), phase=block["phase"], migration_name=block.get("migrationName"),
                    start_time=block.get("startTime"), end_time=block.get("endTime"), message=block.get("message", ""),
-                   failures=int(block.get("failures", 0)), downtime_ms=block.get("downtimeMilliseconds"),
+                   reason=block.get("reason"), failures=int(block.get("failures", 0)), downtime_ms=block.get("downtimeMilliseconds"),
                    data_total=block.get("dataTotalBytes"), data_processed=block.get("dataProcessedBytes"))
 
     @property
@@ -68,7 +73,7 @@ class Move:
         block = {
             "id": self.id, "trigger": self.trigger, "migrationName": self.migration_name, "source": self.source,
             "target": self.target, "phase": self.phase, "startTime": self.start_time, "endTime": self.end_time,
-            "message": self.message or None, "failures": self.failures or None,
+            "message": self.message or None, "reason": self.reason, "failures": self.failures or None,
             "downtimeMilliseconds": self.downtime_ms, "dataTotalBytes": self.data_total,
             "dataProcessedBytes": self.data_processed,
         }
@@ -95,6 +100,13 @@ def not_migratable(spec: VMSpec) -> tuple[str, str] | None:
             return "LocalWritableImage", (f"spec.disks[{i}].image is written in place (clone: false, not readOnly): "
                                           "its data lives in a file on this node only; use clone: true or readOnly")
     return None
+
+
+def refused(move: Move | None) -> tuple[str, str] | None:
+    """(reason, message) when the VM's last move was refused for what the VM needs of a target, else None."""
+    if move is None or move.phase != FAILED or move.reason not in (TARGET_INCOMPATIBLE, NO_COMPATIBLE_NODE):
+        return None
+    return move.reason, move.message
 
 
 def volume_pools(spec: VMSpec) -> frozenset[str]:

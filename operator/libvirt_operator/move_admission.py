@@ -18,8 +18,8 @@ from typing import Any
 from libvirt_operator import placement
 from libvirt_operator.kube import KubeClient
 from libvirt_operator.migration import (
-    DRAIN, FAILED, LIVE_STATES, MIGRATION, NODE_NAME, SCHEDULED, SUCCEEDED, Move, not_migratable, volume_pools,
-    with_move,
+    DRAIN, FAILED, LIVE_STATES, MIGRATION, NO_COMPATIBLE_NODE, NODE_NAME, SCHEDULED, SUCCEEDED, TARGET_INCOMPATIBLE,
+    Move, not_migratable, volume_pools, with_move,
 )
 from libvirt_operator.model import MigrationPolicy
 from libvirt_operator.nodes import Fleet
@@ -41,6 +41,15 @@ class Wanted:
     id: str
     request: Mapping[str, Any] | None = None
     """The VirtualMachineMigration asking, when one does."""
+
+
+def request_status(move: Move) -> dict[str, Any]:
+    """A VirtualMachineMigration's status, from the move it asked for."""
+    status = {"phase": move.phase, "sourceNode": move.source, "targetNode": move.target,
+              "startTime": move.start_time, "endTime": move.end_time, "message": move.message or None,
+              "downtimeMilliseconds": move.downtime_ms, "dataTotalBytes": move.data_total,
+              "dataProcessedBytes": move.data_processed}
+    return {key: value for key, value in status.items() if value is not None}
 
 
 def retry_delay(failures: int) -> float:
@@ -113,11 +122,7 @@ class MoveAdmission:
             await self._set_request(own, {"downtimeMilliseconds": move.downtime_ms} if move.downtime_ms else {})
         for position, request in enumerate(self._open_requests(body)):
             if move is not None and move.id == request["metadata"]["uid"]:
-                status = {"phase": move.phase, "sourceNode": move.source, "targetNode": move.target,
-                          "startTime": move.start_time, "endTime": move.end_time, "message": move.message or None,
-                          "downtimeMilliseconds": move.downtime_ms, "dataTotalBytes": move.data_total,
-                          "dataProcessedBytes": move.data_processed}
-                await self._set_request(request, {k: v for k, v in status.items() if v is not None})
+                await self._set_request(request, request_status(move))
             elif position > 0 or (move is not None and move.active):
                 await self._set_request(request, {"phase": "Pending", "message": "waiting for the VM's move in flight"})
 
@@ -176,8 +181,7 @@ class MoveAdmission:
                 and sum(target in (m.source, m.target) for m in moves) < per_node)
 
     async def _wanted(self, body: Mapping[str, Any]) -> Wanted | None:
-        status, spec, meta = body.get("status") or {}, body.get("spec") or {}, body["metadata"]
-        placed = status.get("nodeName")
+        placed = (body.get("status") or {}).get("nodeName")
         requests = self._open_requests(body)
         request = requests[0] if requests else None
         why_not, parsed = self._movable(body, placed)
@@ -185,24 +189,40 @@ class MoveAdmission:
             if request is not None:
                 await self._set_request(request, {"phase": FAILED, "endTime": self._now(), "message": why_not})
             return None
-        pinned = spec.get("nodeName")
+        wanted = self._asked(body, placed, request)
+        if wanted is None:
+            return None
+        refusal = self._refusal(wanted, parsed, placed)
+        if refusal is not None:
+            await self._record_refusal(body, wanted, *refusal)
+            return None
+        checked = self._checked(wanted, parsed, placed)
+        if checked is None and request is not None and wanted.trigger == MIGRATION:
+            await self._refuse(request, parsed, placed)
+        return checked
+
+    def _asked(self, body: Mapping[str, Any], placed: str, request: Mapping[str, Any] | None) -> Wanted | None:
+        """The move someone asked for, first the spec's, then a request's, then the drain's; None when none is."""
+        pinned, meta = (body.get("spec") or {}).get("nodeName"), body["metadata"]
         if pinned and pinned != placed:
-            wanted = Wanted(NODE_NAME, pinned, f"nodeName-{meta.get('generation', 1)}")
-            incompatible = self._incompatible(parsed, placed, pinned)
-            if incompatible is not None:
-                await self._refuse_pinned(body, wanted, incompatible)
-                return None
-            return self._checked(wanted, parsed, placed)
+            return Wanted(NODE_NAME, pinned, f"nodeName-{meta.get('generation', 1)}")
         if request is not None:
-            wanted = self._checked(Wanted(MIGRATION, (request.get("spec") or {}).get("targetNode"),
-                                          request["metadata"]["uid"], request), parsed, placed)
-            if wanted is None:
-                await self._refuse(request, parsed, placed)
-            return wanted
+            return Wanted(MIGRATION, (request.get("spec") or {}).get("targetNode"), request["metadata"]["uid"], request)
         node = self.fleet.nodes.get(placed)
         if node is not None and node.spec.get("drain") and not pinned:
-            return self._checked(Wanted(DRAIN, None, f"drain-{placed}"), parsed, placed)
+            return Wanted(DRAIN, None, f"drain-{placed}")
         return None
+
+    def _refusal(self, wanted: Wanted, spec: VMSpec, source: str) -> tuple[str, str] | None:
+        """(reason, message) when the VM as it is can never go where it is asked to: the node named, or any node."""
+        if wanted.target is not None:
+            why = self._incompatible(spec, source, wanted.target)
+            return None if why is None else (TARGET_INCOMPATIBLE, f"node {wanted.target} cannot take the VM live: {why}")
+        others = [name for name in self.fleet.nodes if name != source and self.fleet.live(name) and self._published(name)]
+        problems = [why for name in others if (why := self._incompatible(spec, source, name)) is not None]
+        if not others or len(problems) < len(others):
+            return None
+        return NO_COMPATIBLE_NODE, f"no node can take the VM live: {'; '.join(problems)}"
 
     def _movable(self, body: Mapping[str, Any], placed: str | None) -> tuple[str, VMSpec | None]:
         """The VM's parsed spec when it can move live, else (why not, None)."""
@@ -266,19 +286,22 @@ class MoveAdmission:
             return f"node {target} lacks the storage pool(s) {', '.join(sorted(missing))} the VM's volumes are in"
         return None
 
-    async def _refuse_pinned(self, body: dict[str, Any], wanted: Wanted, why: str) -> None:
-        """spec.nodeName names a node that cannot take the VM live: the VM stays where it runs and its move reads
-        Failed saying why (once; looked at again after the retry delay, in case the node changed)."""
+    async def _record_refusal(self, body: dict[str, Any], wanted: Wanted, reason: str, message: str) -> None:
+        """The VM stays where it runs and its move reads Failed saying why, so the VM reads Migratable=False (written
+        once; looked at again on the next look, in case the nodes changed). A request asking for it fails alike."""
         status = body.get("status") or {}
         last = Move.of(status)
-        message = f"node {wanted.target} cannot take the VM live: {why}"
         if last is not None and last.id == wanted.id and last.phase == FAILED and last.message == message:
             return
         now = self._now()
-        move = Move(id=wanted.id, trigger=NODE_NAME, source=status["nodeName"], target=wanted.target or "",
-                    phase=FAILED, start_time=now, end_time=now, message=message,
+        move = Move(id=wanted.id, trigger=wanted.trigger, source=status["nodeName"], target=wanted.target or "",
+                    migration_name=wanted.request["metadata"]["name"] if wanted.request else None,
+                    phase=FAILED, start_time=now, end_time=now, message=message, reason=reason,
                     failures=(last.failures if last is not None and last.id == wanted.id else 0) + 1)
         await self.write_status(body, with_move(status, move), body["metadata"]["resourceVersion"])
+        request = self.requests.get(wanted.id)
+        if request is not None:
+            await self._set_request(request, request_status(move))
 
     async def _refuse(self, request: dict[str, Any], spec: VMSpec, source: str) -> None:
         """A named target that cannot take the VM fails the request; with no target named, it waits for room."""

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from libvirt_operator.migration import Move, migrating_condition
+from libvirt_operator.migration import Move, migrating_condition, refused
 from libvirt_operator.model import DomainSnapshot
 
 RESTART_ANNOTATION = "libvirt-operator.io/restart"
@@ -145,6 +145,12 @@ def _condition(previous: Mapping[str, Mapping[str, Any]], kind: str, value: bool
     }
 
 
+def _migratable(previous: Mapping[str, Mapping[str, Any]], vm: VMView, now: datetime.datetime) -> dict[str, Any]:
+    cannot = vm.not_migratable or refused(Move.of(vm.status))
+    return _condition(previous, "Migratable", cannot is None,
+                      *(cannot or ("Migratable", "the VM can move live to another node")), vm.generation, now)
+
+
 def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.datetime, node_name: str,
                  planned: Planned, problem: Problem | None) -> dict[str, Any]:
     ready, ready_reason, ready_message = _ready(vm, snapshot, planned, problem)
@@ -172,8 +178,7 @@ def build_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.date
                    vm.generation, now),
         _scheduled_here(previous, vm, node_name, now),
         _condition(previous, "Migrating", *migrating_condition(Move.of(vm.status)), vm.generation, now),
-        _condition(previous, "Migratable", vm.not_migratable is None,
-                   *(vm.not_migratable or ("Migratable", "the VM can move live to another node")), vm.generation, now),
+        _migratable(previous, vm, now),
     ]
     applied = definition_current(vm, snapshot) and not planned.action_kinds
     observed = vm.generation if applied or stalled and problem is not None else vm.status.get("observedGeneration")
