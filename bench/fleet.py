@@ -6,6 +6,10 @@ creation-to-Ready p50/p95, Kubernetes writes per VM (placement included), VMs pe
 window: VM writes per minute (target 0), renewal writes per agent per minute (LibvirtNode heartbeats and
 the Lease; target at most 6), and each agent's RSS. Placement cost as the fleet grows: time per decision
 with 10 and 100 synthetic nodes, in this process, through `placement.choose`.
+
+Scenario one-agent-test: one agent on the test driver, hosted by libvirtd, holding N VMs (placed by it, the only node): its RSS
+(target under 300 MB at N=10,000), libvirt calls per resync in a quiet window (compare with steady-test's N:
+constant in N), and the time from a SIGKILL to caught up.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import restart
+import steady_state
 from common import (
     TEST_DRIVER_ARGS, TEST_DRIVER_URI, VM_RESOURCES, Bench, agent_writes, diff, log, percentile,
 )
@@ -22,6 +28,8 @@ from libvirt_operator import nodes, placement
 from libvirt_operator.spec import parse_spec
 
 SCENARIO = "fleet-test"
+ONE_AGENT = "one-agent-test"
+DAEMON_TEST_DRIVER_URI = "test+unix:///default"
 GI = 1 << 30
 
 
@@ -58,14 +66,7 @@ def fleet(bench: Bench, n: int, k: int, window: float) -> None:
     created: dict[str, float] = {}
     writes_before = bench.api_writes()
     began = time.time()
-
-    def create(name: str) -> None:
-        created[name] = time.time()
-        bench.create_vm(namespace, name, {"memory": "64Mi"})
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(create, names))
-    log(f"{SCENARIO}: {n} VMs created in {time.time() - began:.1f}s")
+    create_all(bench, namespace, names, created)
     ready = bench.watch.wait_ready(namespace, names, timeout=max(300, n / 5))
     bench.wait_quiet(quiet=5.0, timeout=600)
     bench.watch.listeners.remove(seen)
@@ -74,6 +75,10 @@ def fleet(bench: Bench, n: int, k: int, window: float) -> None:
     bench.add(SCENARIO, "agents", k, "", "each on its own test:///default, capacities differ")
     bench.add(SCENARIO, "placements_per_second", n / (max(placed_at.values()) - began), "VMs/s",
               f"N={n}, first POST to the last VM seen placed")
+    to_placed = [placed_at[name] - created[name] for name in names]
+    bench.add(SCENARIO, "creation_to_placed_p50", percentile(to_placed, 50), "s", "POST to status.nodeName seen")
+    bench.add(SCENARIO, "creation_to_placed_p95", percentile(to_placed, 95), "s",
+              f"the placements keep up with creation at {n / (time.time() - began):.0f} POSTs/s when these stay small")
     bench.add(SCENARIO, "creation_to_ready_p50", percentile(latencies, 50), "s")
     bench.add(SCENARIO, "creation_to_ready_p95", percentile(latencies, 95), "s", f"N={n} created back to back")
     vm_writes = sum(value for key, value in writes.items() if key[1] in VM_RESOURCES)
@@ -103,6 +108,50 @@ def fleet(bench: Bench, n: int, k: int, window: float) -> None:
         bench.agents.remove(agent)
     for node in (f"fleet-{i:02d}" for i in range(k)):
         bench.custom.delete_cluster_custom_object("libvirt-operator.io", "v1alpha1", "libvirtnodes", node)
+
+
+def create_all(bench: Bench, namespace: str, names: list[str], created: dict[str, float]) -> None:
+    """Creates the VMs back to back from 8 threads; name -> wall time just before its POST."""
+    def create(name: str) -> None:
+        created[name] = time.time()
+        bench.create_vm(namespace, name, {"memory": "64Mi"})
+
+    began = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(create, names))
+    log(f"{namespace}: {len(names)} VMs created in {time.time() - began:.1f}s")
+
+
+def one_agent(bench: Bench, n: int, window: float) -> None:
+    """The test driver runs inside libvirtd here (`test+unix:///default`), as QEMU's domains do on a host: the agent's
+    RSS is then the agent's own, and its restart finds the domains still there."""
+    from lvo_testing.libvirt_env import running_libvirtd
+
+    with running_libvirtd():
+        _one_agent(bench, n, window)
+
+
+def _one_agent(bench: Bench, n: int, window: float) -> None:
+    namespace = bench.namespace("bench-one-agent")
+    agent = bench.start_agent("one-agent", DAEMON_TEST_DRIVER_URI, (
+        *TEST_DRIVER_ARGS, *steady_state.STEADY_ARGS, "--capacity-vcpus", str(n), "--capacity-memory", f"{n // 4}Gi",
+        "--workers", "16"))
+    rss_idle = rss_mib(agent.process.pid)
+    names = [f"o-{i:05d}" for i in range(n)]
+    create_all(bench, namespace, names, {})
+    bench.watch.wait_ready(namespace, names, timeout=max(300, n / 5))
+    bench.wait_quiet(quiet=5.0, timeout=600)
+    rss = rss_mib(agent.process.pid)
+    bench.add(ONE_AGENT, "agent_rss", rss, "MiB", f"N={n} VMs held (and watched); {rss_idle:.0f} MiB before any; "
+              "target under 300 MB")
+    bench.add(ONE_AGENT, "agent_rss_per_vm", (rss - rss_idle) * 1024 / n, "KiB/VM")
+    steady_state.measure(bench, [("one-agent", agent, n)], window, scenario=ONE_AGENT)
+    restart.restart(bench, ONE_AGENT, agent, namespace, n, note="test driver inside libvirtd: the domains outlive the agent")
+    bench.add(ONE_AGENT, "agent_rss_after_restart", rss_mib(agent.process.pid), "MiB", f"N={n}, caught up")
+    bench.delete_all(namespace, timeout=max(600, n / 5))
+    agent.stop()
+    bench.agents.remove(agent)
+    bench.custom.delete_cluster_custom_object("libvirt-operator.io", "v1alpha1", "libvirtnodes", "one-agent")
 
 
 def decision_cost(bench: Bench, sizes: tuple[int, ...] = (10, 100), decisions: int = 2000) -> None:

@@ -34,11 +34,11 @@ from common import Bench, Figure, bench_environment, exit_on_signals, log, remov
 SIZES = {
     # test-driver N, second (small) N, steady window s, QEMU guests, restart guests (min), reaction commands
     False: dict(n=1000, small=100, window=60, qemu=50, qemu_restart=10, reactions=50, listing=(),
-                fleet_n=10_000, fleet_k=10, fleet_window=60, move_rounds=5, moves=20, drained=10),
+                fleet_n=10_000, fleet_k=10, fleet_window=60, one_agent_n=10_000, move_rounds=5, moves=20, drained=10),
     True: dict(n=60, small=6, window=12, qemu=5, qemu_restart=3, reactions=5, listing=("--quick",),
-               fleet_n=300, fleet_k=3, fleet_window=20, move_rounds=2, moves=4, drained=4),
+               fleet_n=300, fleet_k=3, fleet_window=20, one_agent_n=300, move_rounds=2, moves=4, drained=4),
 }
-STEADY_ARGS = ("--resync-seconds", str(steady_state.RESYNC_SECONDS), "--relist-seconds", str(steady_state.RESYNC_SECONDS))
+STEADY_ARGS = steady_state.STEADY_ARGS
 
 
 def test_driver_scenarios(bench: Bench, size: dict, profile_dir: Path | None) -> None:
@@ -160,7 +160,7 @@ def print_figures(figures: list[Figure]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small N, under two minutes")
-    parser.add_argument("--only", choices=("test", "fleet", "qemu", "migration", "listing"), action="append",
+    parser.add_argument("--only", choices=("test", "fleet", "one-agent", "qemu", "migration", "listing"), action="append",
                         help="run only these parts (repeatable; default all)")
     parser.add_argument("--domain-type", choices=("qemu", "kvm"), default="qemu",
                         help="spec.domainType of the real guests (default qemu: TCG, as the e2e tests)")
@@ -170,7 +170,7 @@ def main() -> int:
     parser.add_argument("--profile-dir", type=Path, help="run the rollout agents under pyinstrument, reports here")
     args = parser.parse_args()
     size = {**SIZES[args.quick], "domain_type": args.domain_type, "guest_cpu_cgroup": args.guest_cpu_cgroup == "on"}
-    parts = args.only or ["test", "fleet", "qemu", "migration", "listing"]
+    parts = args.only or ["test", "fleet", "one-agent", "qemu", "migration", "listing"]
     began = time.monotonic()
     exit_on_signals()
     if args.profile_dir:
@@ -182,6 +182,8 @@ def main() -> int:
             if "fleet" in parts:
                 fleet.fleet(bench, size["fleet_n"], size["fleet_k"], size["fleet_window"])
                 fleet.decision_cost(bench)
+            if "one-agent" in parts:
+                fleet.one_agent(bench, size["one_agent_n"], size["fleet_window"])
             if "qemu" in parts:
                 qemu_scenarios(bench, size, args.profile_dir)
             if "migration" in parts:

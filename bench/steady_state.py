@@ -15,6 +15,7 @@ from common import VM_RESOURCES, Bench, agent_metrics, agent_writes, diff, proc_
 from lvo_testing.agent_process import AgentProcess
 
 RESYNC_SECONDS = 10
+STEADY_ARGS = ("--resync-seconds", str(RESYNC_SECONDS), "--relist-seconds", str(RESYNC_SECONDS))
 
 
 def measure(bench: Bench, agents: list[tuple[str, AgentProcess, int]], window: float,

@@ -34,6 +34,7 @@ from libvirt_operator.move_admission import MoveAdmission
 from libvirt_operator.model import AgentSettings, DomainSnapshot, Tuning
 from libvirt_operator.nodes import Role
 from libvirt_operator.scheduler import Scheduler
+from libvirt_operator.held_bodies import kept
 from libvirt_operator.status_writer import StatusWriter, newer_or_same
 from libvirt_operator.vm_move import MoveSteps
 from libvirt_operator.vm_run import VMRun
@@ -172,7 +173,7 @@ class Agent:
             return
         if held is not None and newer_or_same(held, body):
             return
-        self.bodies[uid] = dict(body)
+        self.bodies[uid] = kept(body)
         self.scheduler.book(body)
         self.queue.add(uid)
 

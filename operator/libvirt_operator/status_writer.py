@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from libvirt_operator.held_bodies import kept
 from libvirt_operator.kube import KubeClient, status_merge_patch
 from libvirt_operator.metrics import EVENT_TO_STATUS
 from libvirt_operator.model import Tuning
@@ -83,7 +84,7 @@ class StatusWriter:
             return
         meta = body["metadata"]
         try:
-            updated = await self.kube.patch_vm_status(meta["namespace"], meta["name"], patch, resource_version)
+            updated = kept(await self.kube.patch_vm_status(meta["namespace"], meta["name"], patch, resource_version))
         except Exception:
             if resource_version is None:  # a write with a precondition was decided on that body: it goes with it
                 self.unwritten[uid] = status

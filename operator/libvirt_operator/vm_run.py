@@ -16,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator import guest, reconcile
 from libvirt_operator.domains import DomainCache
+from libvirt_operator.held_bodies import kept
 from libvirt_operator.host import Host, HostUnavailable
 from libvirt_operator.libvirt_errors import LibvirtError
 from libvirt_operator.kube import FINALIZER, KubeClient
@@ -226,7 +227,8 @@ class VMRun:
     async def _set_finalizer(self, *, present: bool) -> None:
         meta = self.body["metadata"]
         finalizers = [f for f in meta.get("finalizers") or [] if f != FINALIZER] + ([FINALIZER] if present else [])
-        updated = await self.agent.kube.set_finalizers(meta["namespace"], meta["name"], finalizers, meta["resourceVersion"])
+        updated = kept(await self.agent.kube.set_finalizers(meta["namespace"], meta["name"], finalizers,
+                                                            meta["resourceVersion"]))
         self.body = updated
         self.agent.bodies[self.ref.uid] = updated
         self.view = replace(self.view, has_finalizer=present)
