@@ -24,6 +24,8 @@ from lvo_testing.libvirt_hosts import BedHost, LibvirtHosts
 pytestmark = pytest.mark.e2e
 
 NAMESPACE = "moves"
+LOCAL_POOL = "fast"
+"""A pool the test defines on one host only: a VM with a volume in it cannot move live to the other."""
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,8 @@ def bed(guest_image: GuestImage) -> Iterator[LibvirtHosts]:
 @pytest.fixture(scope="module")
 def agents(bed: LibvirtHosts, control_plane: ControlPlane,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentProcess]]:
-    with bed_agents(bed, control_plane, tmp_path_factory.mktemp("moves"), NAMESPACE) as agents:
+    with bed_agents(bed, control_plane, tmp_path_factory.mktemp("moves"), NAMESPACE,
+                    "--allowed-pool", "default", "--allowed-pool", LOCAL_POOL) as agents:
         yield agents
 
 
@@ -210,3 +213,45 @@ def test_a_drain_moves_every_vm_it_may_and_names_those_that_block_it(
     finally:
         set_node(source, {"drain": None})
         kubectl("delete", "vm", "--all", "-n", NAMESPACE, "--timeout=180s", timeout=210)
+
+
+def test_a_move_to_a_node_without_the_pool_of_the_vms_volume_is_refused_and_the_vm_says_why(
+        bed: LibvirtHosts, agents: dict[str, AgentProcess], control_plane: ControlPlane, guest_image: GuestImage) -> None:
+    kubectl = control_plane.kubectl
+    source, target = bed.hosts
+    name, volume = "local-volume", "local-volume-data"
+    source.run("mkdir", "-p", f"/var/lib/libvirt/{LOCAL_POOL}")
+    source.virsh("pool-define-as", LOCAL_POOL, "dir", "--target", f"/var/lib/libvirt/{LOCAL_POOL}")
+    source.virsh("pool-start", LOCAL_POOL)
+    source.virsh("vol-create-as", LOCAL_POOL, volume, "16M", "--format", "qcow2")
+    try:
+        spec = guest_spec(guest_image, source.name, marker=name,
+                          disks=[{"name": "data", "volume": {"pool": LOCAL_POOL, "name": volume}}])
+        kubectl("apply", "-f", "-", input=vm_manifest(name, NAMESPACE, **spec))
+        wait_vm(kubectl, name, NAMESPACE, "condition=Ready", timeout=240)
+        request = {"apiVersion": "libvirt-operator.io/v1alpha1", "kind": "VirtualMachineMigration",
+                   "metadata": {"name": "to-no-pool", "namespace": NAMESPACE},
+                   "spec": {"vmName": name, "targetNode": target.name}}
+        kubectl("apply", "-f", "-", input=json.dumps(request))
+        wait_until(lambda: migration_status(kubectl, "to-no-pool").get("phase") == "Failed", timeout=60,
+                   what="the request fails")
+        why = f"node {target.name} cannot take the VM live: node {target.name} lacks the storage pool(s) {LOCAL_POOL}"
+        assert migration_status(kubectl, "to-no-pool")["message"].startswith(why)
+
+        def migratable() -> dict[str, Any]:
+            conditions = get_vm(kubectl, name, NAMESPACE)["status"]["conditions"]
+            return next(c for c in conditions if c["type"] == "Migratable")
+
+        condition = wait_until(lambda: migratable()["status"] == "False" and migratable(), timeout=60,
+                               what="the VM reads Migratable=False")
+        assert condition["reason"] == "TargetIncompatible" and condition["message"].startswith(why)
+        assert placed(kubectl, name) == source.name
+        assert domains(source).get(f"{NAMESPACE}_{name}") == "running"
+        assert f"{NAMESPACE}_{name}" not in domains(target)
+        ready = next(c for c in get_vm(kubectl, name, NAMESPACE)["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "True"
+    finally:
+        kubectl("delete", "vm", name, "-n", NAMESPACE, "--timeout=120s", timeout=150, check=False)
+        source.virsh("vol-delete", volume, "--pool", LOCAL_POOL, check=False)
+        source.virsh("pool-destroy", LOCAL_POOL, check=False)
+        source.virsh("pool-undefine", LOCAL_POOL, check=False)
