@@ -97,12 +97,13 @@ class DomainCache:
         return entry.snapshot if entry is not None else None
 
     def snapshots(self) -> dict[str, DomainSnapshot]:
-        return {uuid: entry.snapshot for uuid, entry in self._entries.items() if entry.snapshot is not None}
+        """Safe from another thread (the /metrics server's): the entries are copied in one step, under the GIL."""
+        return {uuid: entry.snapshot for uuid, entry in list(self._entries.items()) if entry.snapshot is not None}
 
     @property
     def foreign_domains(self) -> int:
         """Listed domains that are not this cluster's (unmarked, or marked by another cluster), as far as known."""
-        return sum(1 for uuid in self._foreign if self._known_foreign(uuid))
+        return sum(1 for uuid in list(self._foreign) if self._known_foreign(uuid))
 
     def remember_owner(self, uuid: str, owner: OwnerMetadata | None) -> None:
         """The mark the agent just defined `uuid` with: the next read of it reads its XML straight away."""
