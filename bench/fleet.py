@@ -125,10 +125,15 @@ def create_all(bench: Bench, namespace: str, names: list[str], created: dict[str
 def one_agent(bench: Bench, n: int, window: float) -> None:
     """The test driver runs inside libvirtd here (`test+unix:///default`), as QEMU's domains do on a host: the agent's
     RSS is then the agent's own, and its restart finds the domains still there."""
+    import libvirt
     from lvo_testing.libvirt_env import running_libvirtd
 
     with running_libvirtd():
-        _one_agent(bench, n, window)
+        keeper = libvirt.open(DAEMON_TEST_DRIVER_URI)  # libvirtd drops the test driver's state with its last client
+        try:
+            _one_agent(bench, n, window)
+        finally:
+            keeper.close()
 
 
 def _one_agent(bench: Bench, n: int, window: float) -> None:
