@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from e2e import Kubectl, get_vm, install_crds, vm_manifest, wait_until, wait_vm
+from e2e import Kubectl, event_reasons, events_for, install_crds, vm_manifest, wait_until
 from libvirt_operator.scheduler import DISK_LOSS_ANNOTATION
 from lvo_testing.agent_process import AgentProcess
 from lvo_testing.controlplane import ControlPlane
@@ -164,6 +164,25 @@ def test_a_cordoned_node_takes_no_new_vms_and_keeps_its_own(fleet: dict[str, Age
         assert_one_domain_per_running_vm(kubectl, fleet)
     finally:
         kubectl("patch", "libvirtnode", "fleet-a", "--type=merge", "-p", '{"spec": {"unschedulable": false}}')
+
+
+def test_a_vm_placed_past_a_nodes_room_is_handed_back_by_that_node_and_never_runs_there(
+        fleet: dict[str, AgentProcess], control_plane: ControlPlane) -> None:
+    """The test writes the placement a stale decider would (one that has not seen it lost the Lease)."""
+    kubectl = control_plane.kubectl
+    apply(kubectl, "stale", nodeSelector={"rack": "nowhere"}, memory="1Gi")  # no decider of the fleet places it
+    wait_until(lambda: condition(vms(kubectl)["stale"], "Scheduled").get("reason") == "Unschedulable", 30,
+               what="stale Pending")
+    before = running(fleet)["fleet-c"]
+    kubectl("patch", "vm", "stale", "-n", NAMESPACE, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"nodeName": "fleet-c"}}))
+    wait_until(lambda: "NodeFull" in event_reasons(kubectl, "stale", NAMESPACE), 30, what="fleet-c hands it back")
+    wait_until(lambda: "nodeName" not in vms(kubectl)["stale"]["status"], 30, what="status.nodeName cleared")
+    message = next(event["message"] for event in events_for(kubectl, "stale", NAMESPACE) if event["reason"] == "NodeFull")
+    assert message.startswith("placed on fleet-c, which has no room left for it"), message
+    assert running(fleet)["fleet-c"] == before
+    assert_one_domain_per_running_vm(kubectl, fleet)
+    kubectl("delete", "vm", "stale", "-n", NAMESPACE)
 
 
 def test_a_node_name_edit_moves_the_vm_old_node_first(fleet: dict[str, AgentProcess], control_plane: ControlPlane) -> None:

@@ -33,6 +33,7 @@ from libvirt_operator.migration import Move
 from libvirt_operator.move_admission import MoveAdmission
 from libvirt_operator.model import AgentSettings, DomainSnapshot, Tuning
 from libvirt_operator.nodes import Role
+from libvirt_operator.room_check import RoomCheck
 from libvirt_operator.scheduler import Scheduler
 from libvirt_operator.held_bodies import kept
 from libvirt_operator.status_writer import StatusWriter, newer_or_same
@@ -69,6 +70,8 @@ class Agent:
         self.admission = MoveAdmission(kube, self.fleet, self.ledger, self.bodies, settings.migration,
                                        self.status.write, self.clock)
         self.moves = MoveSteps(self)
+        self.room = RoomCheck(settings.node_name, self.fleet, self.ledger, self.bodies,
+                              lambda uid: self.cache.get(uid) is not None, self.status.write, kube, self.clock)
         self.node = NodeHeartbeat(settings, kube, host, cache, tuning, self.fleet, self.ledger, self.election,
                                   self.bodies, self.resync)
         self.retries: dict[str, float] = {}
@@ -325,6 +328,9 @@ class Agent:
                 await self.scheduler.duty(body)
                 if uid in self.bodies and nodes.runs_here(self.bodies[uid], self.fleet):
                     self.queue.add(uid)  # placed here: the watch event of this write is one this agent has seen
+            return
+        if role is Role.RUN and (why := self.room.over(body)) is not None:
+            await self.room.refuse(body, why)
             return
         run = VMRun(self, body)
         health = self.host.health.current
