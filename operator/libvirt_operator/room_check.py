@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from libvirt_operator import placement
@@ -42,19 +43,17 @@ def placed_at(body: Mapping[str, Any]) -> str:
     return scheduled.get("lastTransitionTime") or body["metadata"].get("creationTimestamp") or ""
 
 
+@dataclass
 class RoomCheck:
-    def __init__(self, node: str, fleet: Fleet, ledger: placement.Ledger, bodies: Mapping[str, Mapping[str, Any]],
-                 runs_here: Callable[[str], bool], write_status: WriteStatus, kube: KubeClient,
-                 clock: Callable[[], datetime.datetime]) -> None:
-        self.node = node
-        self.fleet = fleet
-        self.ledger = ledger
-        self.bodies = bodies
-        self.runs_here = runs_here
-        """Whether this node holds a domain of the VM (by uid)."""
-        self.write_status = write_status
-        self.kube = kube
-        self.clock = clock
+    node: str
+    fleet: Fleet
+    ledger: placement.Ledger
+    bodies: Mapping[str, Mapping[str, Any]]
+    runs_here: Callable[[str], bool]
+    """Whether this node holds a domain of the VM (by uid)."""
+    write_status: WriteStatus
+    kube: KubeClient
+    clock: Callable[[], datetime.datetime]
 
     def _stays(self, body: Mapping[str, Any]) -> bool:
         """A VM whose room is not in question: it runs here, is pinned here, or is moving."""
