@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import CRD_NAMES, event_reasons, install_crds, vm_manifest, wait_vm
+from e2e import CRD_NAMES, event_reasons, install_crds, vm_manifest, wait_until, wait_vm
 from lvo_testing.agent_process import AgentProcess
 from lvo_testing.controlplane import ControlPlane
 
@@ -100,11 +100,12 @@ def test_the_agent_works_with_its_service_account_and_may_do_nothing_else(
             disks=[{"name": "data", "emptyDisk": {"size": "1Gi"}},
                    {"name": "seed", "cloudInit": {"userDataSecretRef": {"name": "least-userdata"}}}]))
         wait_vm(kubectl, "least", NAMESPACE, "condition=Ready", timeout=60)
-        assert event_reasons(kubectl, "least", NAMESPACE)["Started"] >= 1
         node = json.loads(kubectl("get", "libvirtnode", NODE, "-o", "json").stdout)
         assert node["status"]["heartbeatTime"]
         kubectl("patch", "vm", "least", "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"runStrategy":"Halted"}}')
         wait_vm(kubectl, "least", NAMESPACE, "jsonpath={.status.printableStatus}=Stopped", timeout=60)
+        wait_until(lambda: event_reasons(kubectl, "least", NAMESPACE)["Stopped"] >= 1, 30,
+                   what="an Event posted with the least privileges")
         kubectl("delete", "vm", "least", "-n", NAMESPACE, "--timeout=60s")
         assert "NotFound" in kubectl("get", "vm", "least", "-n", NAMESPACE, check=False).stderr
         log = agent.log_path.read_text()

@@ -313,6 +313,9 @@ def _plan_start(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.datet
     paused = bool(vm.spec.get("paused"))
     if lifecycle.run_strategy != vm.run_strategy or lifecycle.start_time is None:
         plan.lifecycle = replace(lifecycle, run_strategy=vm.run_strategy, consecutive_failures=0).started(now, restart=False)
+        if lifecycle.start_time is None:  # the first start after apply: Ready and lifecycle.startTime tell it
+            plan.add("start", start_paused=paused)
+            return
         message = "defined and started the domain" if snapshot is None else "started the domain"
         plan.add("start", "Started", f"{message} (runStrategy {vm.run_strategy})", start_paused=paused)
         return
