@@ -26,7 +26,7 @@ import pytest_asyncio
 from lxml import etree
 from lxml.builder import E
 
-from libvirt_operator import metadata
+from libvirt_operator import domains, metadata
 from libvirt_operator.domain_reading import FOREIGN, Owners
 from libvirt_operator.domains import DomainCache
 from libvirt_operator.domain_listing import list_all_domains, read_owner
@@ -560,6 +560,35 @@ async def test_no_read_of_a_domain_starts_while_reads_of_it_are_held(test_host: 
             assert changed is not None and changed.state == "running"
     finally:
         await cache.stop()
+
+
+@pytest.mark.libvirt
+async def test_a_first_listing_that_fails_or_takes_longer_than_a_call_still_starts_the_cache(
+        test_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent restarted on a host with thousands of domains: its first listing takes longer than one call may
+    (42 s for 10,000 on libvirtd's test driver, against a 30 s call timeout), and libvirtd may refuse it once.
+    The cache must start all the same: before, the agent never reconciled anything and said it was healthy."""
+    host = Host(test_uri, call_timeout=0.2)
+    await host.start()
+    listings = []
+    original = host.reader.read_all
+
+    def refused_then_slow(conn: Any, *args: Any) -> Any:
+        listings.append(time.monotonic())
+        if len(listings) == 1:
+            raise libvirt.libvirtError("libvirtd refused the first listing")
+        time.sleep(0.6)  # three call timeouts
+        return original(conn, *args)
+
+    monkeypatch.setattr(host.reader, "read_all", refused_then_slow)
+    monkeypatch.setattr(domains, "FIRST_LISTING_RETRY_SECONDS", 0.05)
+    cache = DomainCache(host, relist_interval=3600)
+    try:
+        await asyncio.wait_for(cache.start(), 20)
+        assert len(listings) == 2
+    finally:
+        await cache.stop()
+        await host.stop()
 
 
 @pytest.mark.unit

@@ -33,6 +33,9 @@ from libvirt_operator.model import DomainSnapshot, OwnerMetadata
 
 log = logging.getLogger(__name__)
 
+FIRST_LISTING_RETRY_SECONDS = 5.0
+FIRST_LISTING_RETRY_MAX_SECONDS = 60.0
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -77,9 +80,18 @@ class DomainCache:
         """Domains the agent defined and no read has come back for yet (`remember_owner`)."""
 
     async def start(self) -> None:
-        """Follows the Host's events, reads every owned domain, then relists periodically."""
+        """Follows the Host's events, reads every owned domain (again until libvirt answers), then relists
+        periodically."""
         self._host.subscribe(self._on_host_event)
-        await self.relist()
+        delay = FIRST_LISTING_RETRY_SECONDS
+        while True:
+            try:
+                await self.relist()
+                break
+            except (HostUnavailable, LibvirtError) as err:
+                log.warning("domain cache: the first listing failed (%s); again in %.0fs", err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, FIRST_LISTING_RETRY_MAX_SECONDS)
         self._spawn(self._relist_periodically())
 
     async def stop(self) -> None:

@@ -46,6 +46,12 @@ T = TypeVar("T")
 EventKind = Literal["lifecycle", "reboot", "device-removed", "metadata", "reconnected", "disconnected"]
 
 
+LISTING_TIMEOUT_FACTOR = 20
+"""A listing reads every domain's mark and XML: on a host with thousands of domains (an agent's restart) it takes
+longer than one call may, by nature (10,000 on libvirtd's test driver: 42 s). It gets this many call timeouts;
+the other calls, running beside it, still tell a libvirtd that stopped answering."""
+
+
 @dataclass(frozen=True)
 class HostEvent:
     """Something libvirt told us about a domain (`uuid`) or about the connection (`uuid` None)."""
@@ -215,7 +221,8 @@ class Host:
 
         IP addresses are read again for active domains that have interfaces but no address yet.
         """
-        return await self.call(self.reader.read_all, include_foreign, known, current)
+        return await self.call(self.reader.read_all, include_foreign, known, current,
+                               timeout=self.call_timeout * LISTING_TIMEOUT_FACTOR)
 
     async def capacity(self, pool_name: str) -> HostCapacity:
         """Seed 001's host figures; usage sums every active domain's, foreign ones included."""
