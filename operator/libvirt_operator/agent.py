@@ -20,7 +20,7 @@ from typing import Any
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from libvirt_operator import guest, nodes, placement, reconcile
+from libvirt_operator import guest, nodes, placement, process_memory, reconcile
 from libvirt_operator.domains import DomainCache
 from libvirt_operator.election import Election
 from libvirt_operator.heartbeat import COUNTS_SECONDS, NodeHeartbeat
@@ -249,6 +249,7 @@ class Agent:
         for uid, body in list(self.bodies.items()):
             if leading or nodes.runs_here(body, self.fleet) or self.cache.get(uid) is not None:
                 self.queue.add(uid)
+        await asyncio.to_thread(process_memory.release_free_memory)
 
     def _libvirt_health_changed(self, health: LibvirtHealth) -> None:
         """Every VM of the node is looked at again: Unknown while libvirt cannot be asked, the truth after."""

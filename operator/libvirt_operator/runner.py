@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import socket
@@ -145,30 +144,14 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
     )
 
 
-MALLOC_ARENAS = 2
-"""glibc gives threads that allocate their own arenas (up to 8 per core) and keeps what is freed in them: with
-the libvirt worker threads an agent on the test driver grew by 120 KiB of RSS per VM, by 90 KiB with 2 arenas."""
-M_ARENA_MAX = -8
-
-
-def limit_malloc_arenas(arenas: int) -> None:
-    """MALLOC_ARENA_MAX, unless the environment sets it; before any worker thread starts. Not glibc: nothing."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):
-        pass
-
-
 def run(args: argparse.Namespace) -> int:
-    from libvirt_operator import handlers, metrics
+    from libvirt_operator import handlers, metrics, process_memory
     from libvirt_operator.agent import Agent
     from libvirt_operator.domains import DomainCache
     from libvirt_operator.host import Host
     from libvirt_operator.kube import KubeClient
 
-    limit_malloc_arenas(MALLOC_ARENAS)
+    process_memory.limit_malloc_arenas()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("kopf.objects", "kopf.activities.probe", "aiohttp.access"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
