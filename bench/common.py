@@ -289,13 +289,17 @@ class Bench:
     def delete_all(self, namespace: str, timeout: float = 600) -> float:
         """Deletes every VM of `namespace` and waits until they are gone (finalizers ran); seconds taken."""
         began = time.monotonic()
-        try:
-            self.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
-        except ApiException as error:
-            if error.status == 504:  # thousands of objects: the API server goes on deleting after its own timeout
-                log(f"delete of {namespace}'s VMs: {error.reason}; waiting for it to finish")
-            elif error.status != 404:
-                raise
+        while True:
+            try:
+                self.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+                break
+            except ApiException as error:
+                if error.status == 404:
+                    break
+                if error.status != 504:
+                    raise
+                # thousands of objects: the API server stops at its own request timeout; each call deletes more
+                log(f"delete of {namespace}'s VMs: {error.reason}; asking again")
         while self.list_vms(namespace):
             if time.monotonic() - began > timeout:
                 raise TimeoutError(f"VMs of {namespace} not gone after {timeout}s")
