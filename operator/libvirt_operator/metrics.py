@@ -64,8 +64,9 @@ class AgentCollector:
                                   value=now.libvirt_connections_opened)
         yield _labelled(CounterMetricFamily, f"{PREFIX}_kubernetes_writes", "Kubernetes writes made, by verb and resource.",
                         ["verb", "resource"], now.kubernetes_writes)
+        states = Counter({**dict.fromkeys(ALWAYS_SHOWN_STATES, 0), **now.domain_states})
         yield _labelled(GaugeMetricFamily, f"{PREFIX}_domains", "Owned domains on this host, by state.", ["state"],
-                        Counter({**dict.fromkeys(ALWAYS_SHOWN_STATES, 0), **now.domain_states}))
+                        states)
         yield GaugeMetricFamily(f"{PREFIX}_foreign_domains",
                                 "Domains on this host that are not this cluster's (unmarked, or another cluster's).",
                                 value=now.foreign_domains)

@@ -62,7 +62,8 @@ class Move:
         return cls(id=block.get("id", ""), trigger=block.get("trigger", ""), source=block.get("source", ""),
                    target=block.get("target", ""), phase=block["phase"], migration_name=block.get("migrationName"),
                    start_time=block.get("startTime"), end_time=block.get("endTime"), message=block.get("message", ""),
-                   reason=block.get("reason"), failures=int(block.get("failures", 0)), downtime_ms=block.get("downtimeMilliseconds"),
+                   reason=block.get("reason"), failures=int(block.get("failures", 0)),
+                   downtime_ms=block.get("downtimeMilliseconds"),
                    data_total=block.get("dataTotalBytes"), data_processed=block.get("dataProcessedBytes"))
 
     @property

@@ -217,8 +217,10 @@ class MoveAdmission:
         """(reason, message) when the VM as it is can never go where it is asked to: the node named, or any node."""
         if wanted.target is not None:
             why = self._incompatible(spec, source, wanted.target)
-            return None if why is None else (TARGET_INCOMPATIBLE, f"node {wanted.target} cannot take the VM live: {why}")
-        others = [name for name in self.fleet.nodes if name != source and self.fleet.live(name) and self._published(name)]
+            return None if why is None else (TARGET_INCOMPATIBLE,
+                                             f"node {wanted.target} cannot take the VM live: {why}")
+        others = [name for name in self.fleet.nodes
+                  if name != source and self.fleet.live(name) and self._published(name)]
         problems = [why for name in others if (why := self._incompatible(spec, source, name)) is not None]
         if not others or len(problems) < len(others):
             return None

@@ -9,12 +9,14 @@ against 256 before the restart, unless the free pages are handed back. Elsewhere
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 ARENAS = 2
 M_ARENA_MAX = -8
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
