@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator import allowlist, nodes, placement
 from libvirt_operator.domains import DomainCache
+from libvirt_operator.vm_status import condition_of
 from libvirt_operator.election import Election
 from libvirt_operator.host import Host, HostCapacity, HostUnavailable
 from libvirt_operator.kube import KubeClient, now_iso
@@ -162,9 +163,8 @@ def _drain_blocker(body: Mapping[str, Any], node: str) -> str | None:
     status = body.get("status") or {}
     if (body.get("spec") or {}).get("nodeName") == node:
         return f"pinned: spec.nodeName is {node}"
-    unmovable = next((c for c in status.get("conditions", []) if c.get("type") == "Migratable"
-                      and c.get("status") == "False" and c.get("reason") != TARGET_INCOMPATIBLE), None)
-    if unmovable is not None:
+    unmovable = condition_of(status, "Migratable")
+    if unmovable.get("status") == "False" and unmovable.get("reason") != TARGET_INCOMPATIBLE:
         return unmovable.get("message", "not migratable")
     if (status.get("domain") or {}).get("state") not in LIVE_STATES:
         return "not running: only a running VM moves live"

@@ -27,7 +27,8 @@ from typing import Any
 
 from libvirt_operator.model import DomainSnapshot
 from libvirt_operator.vm_status import (  # the status's names, which decide() reads and returns, are reconcile's too
-    RESTART_ANNOTATION, RUNNING_STATES, Planned, Problem, VMView, build_status, definition_current, format_time,
+    RESTART_ANNOTATION, RUNNING_STATES, Planned, Problem, VMView, build_status, condition_of, definition_current,
+    format_time,
 )
 
 SHORT_RUN = datetime.timedelta(seconds=60)
@@ -359,7 +360,7 @@ def unknown_status(vm: VMView, snapshot: DomainSnapshot | None, now: datetime.da
     for key in ("lifecycle", "restartCount", "observedGeneration"):
         if key in vm.status:
             status[key] = vm.status[key]
-    before = next((c for c in vm.status.get("conditions", []) if c.get("type") == "Ready"), {})
+    before = condition_of(vm.status, "Ready")
     for condition in status["conditions"]:
         if condition["type"] == "Ready":
             condition["status"] = "Unknown"

@@ -22,6 +22,7 @@ from libvirt_operator.migration import active_move
 from libvirt_operator.nodes import Fleet
 from libvirt_operator.placement import human_bytes
 from libvirt_operator.scheduler import WriteStatus, pending_status
+from libvirt_operator.vm_status import condition_of
 
 NODE_FULL = "NodeFull"
 
@@ -39,7 +40,7 @@ def beyond_room(offer: placement.Offer, costs: Iterable[tuple[str, tuple[int, in
 
 
 def placed_at(body: Mapping[str, Any]) -> str:
-    scheduled = next((c for c in (body.get("status") or {}).get("conditions", []) if c.get("type") == "Scheduled"), {})
+    scheduled = condition_of(body.get("status") or {}, "Scheduled")
     return scheduled.get("lastTransitionTime") or body["metadata"].get("creationTimestamp") or ""
 
 
@@ -80,5 +81,6 @@ class RoomCheck:
                 f"the other placements, or the node's own size, put it there): it is placed again")
 
     async def refuse(self, body: dict[str, Any], why: str) -> None:
-        await self.write_status(body, pending_status(body, NODE_FULL, why, self.clock()), body["metadata"]["resourceVersion"])
+        status = pending_status(body, NODE_FULL, why, self.clock())
+        await self.write_status(body, status, body["metadata"]["resourceVersion"])
         await self.kube.post_event(body, "Warning", NODE_FULL, why)

@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from libvirt_operator import nodes, placement, reconcile
 from libvirt_operator.kube import FINALIZER, KubeClient
 from libvirt_operator.nodes import Fleet
+from libvirt_operator.vm_status import condition_of
 from libvirt_operator.spec import EmptyDiskSource, HttpSource, ImageSource, SpecError, VMSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ WriteStatus = Callable[[dict[str, Any], dict[str, Any], str | None], Awaitable[N
 
 def with_condition(status: dict[str, Any], kind: str, value: str, reason: str, message: str,
                     now: datetime.datetime, generation: int) -> dict[str, Any]:
-    previous = next((c for c in status.get("conditions", []) if c.get("type") == kind), {})
+    previous = condition_of(status, kind)
     condition = {"type": kind, "status": value, "reason": reason, "message": message, "observedGeneration": generation,
                  "lastTransitionTime": previous["lastTransitionTime"] if previous.get("status") == value
                  and "lastTransitionTime" in previous else reconcile.format_time(now)}
@@ -179,7 +180,7 @@ class Scheduler:
         await self.write_status(body, pending_status(body, reason, message, self.clock()), body["metadata"]["resourceVersion"])
 
     async def _mark_unreachable(self, body: dict[str, Any], node: str, since: float) -> None:
-        ready = next((c for c in (body.get("status") or {}).get("conditions", []) if c.get("type") == "Ready"), {})
+        ready = condition_of(body.get("status") or {}, "Ready")
         if ready.get("reason") == "NodeUnreachable":
             return
         now = self.clock()

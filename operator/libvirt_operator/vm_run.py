@@ -27,6 +27,7 @@ from libvirt_operator.model import AgentSettings, DomainSnapshot, OwnerMetadata,
 from libvirt_operator.scheduler import owned_data_disks, pending_status
 from libvirt_operator.spec import SpecError, VMSpec, parse_spec, spec_hash
 from libvirt_operator.status_writer import StatusWriter
+from libvirt_operator.vm_status import condition_of
 from libvirt_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class VMRun:
         return True
 
     def report_failure(self) -> None:
-        previous = next((c for c in self.view.status.get("conditions", []) if c.get("type") == "Ready"), {})
+        previous = condition_of(self.view.status, "Ready")
         if previous.get("message") != self.problem.message:
             self.action_events.append(reconcile.Event("Warning", "Failed", self.problem.message))
 

@@ -66,6 +66,11 @@ class Planned:
     restart_count: int
 
 
+def condition_of(status: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+    """The status's condition of type `kind`; empty when it has none."""
+    return next((c for c in status.get("conditions", []) if c.get("type") == kind), {})
+
+
 def format_time(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
