@@ -77,3 +77,19 @@ def test_agent_metrics_count_reconciles_calls_writes_and_domains(agents: dict[st
                  "libvirt_operator_domains{state=\"running\"}", "libvirt_operator_event_to_status_seconds_bucket",
                  "libvirt_operator_queue_depth", "libvirt_operator_libvirt_connected 1.0"):
         assert name in text, name
+
+
+def test_an_agent_started_after_its_vms_reads_them_in_pages_and_runs_every_one(
+        agents: dict[str, AgentProcess], control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Its first list of the VMs comes in pages of 2 (`--list-chunk-size`): a VM on a page after the first one
+    would otherwise never reach it (the watch starts after the list)."""
+    kubectl: Kubectl = control_plane.kubectl
+    names = [f"paged-{i}" for i in range(5)]
+    for name in names:
+        kubectl("apply", "-f", "-", input=vm_manifest(name, NAMESPACE, nodeName="node-c", memory="64Mi"))
+    with AgentProcess(tmp_path_factory.mktemp("paged"), control_plane.admin_kubeconfig, libvirt_uri="test:///default",
+                      node_name="node-c", extra_args=(*TEST_DRIVER_ARGS, "--list-chunk-size", "2")):
+        for name in names:
+            wait_vm(kubectl, name, NAMESPACE, "condition=Ready", timeout=60)
+        kubectl("delete", "vm", *names, "-n", NAMESPACE, "--timeout=60s")
+    kubectl("delete", "libvirtnode", "node-c", "--ignore-not-found")

@@ -21,6 +21,9 @@ from libvirt_operator.agent import Agent
 from libvirt_operator.kube import MIGRATION_PLURAL, NODE_PLURAL
 
 LIBVIRT_THREADS = 32
+OBJECT_WORKER_IDLE_SECONDS = 0.5
+"""How long kopf keeps an object's task after its last event (default 5 s): a restart's list starts one for each VM,
+and with 10,000 of them alive at once the agent kept 25 MiB more after the burst (bench one-agent-test)."""
 
 
 def in_cluster_server(environ: Mapping[str, str]) -> str | None:
@@ -51,9 +54,11 @@ def build_registry(make_agent: Callable[[], Agent]) -> kopf.OperatorRegistry:
         settings.watching.server_timeout = 600
         settings.watching.client_timeout = 660
         settings.batching.batch_window = 0.01
+        settings.batching.idle_timeout = OBJECT_WORKER_IDLE_SECONDS
         asyncio.get_running_loop().set_default_executor(
             concurrent.futures.ThreadPoolExecutor(LIBVIRT_THREADS, thread_name_prefix="libvirt"))
         memo.agent = make_agent()
+        settings.watching.chunk_size = memo.agent.tuning.list_chunk_size
         await memo.agent.start()
 
     @kopf.on.cleanup(registry=registry)

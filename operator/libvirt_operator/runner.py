@@ -45,6 +45,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how often the LibvirtNode (and the placement Lease, when held) is renewed (default 20)")
     parser.add_argument("--lease-seconds", type=int, default=tuning.lease_seconds,
                         help="how long without a renewal before other agents count this one as gone (default 40)")
+    parser.add_argument("--list-chunk-size", type=int, default=tuning.list_chunk_size,
+                        help="objects per page when a watch starts with a list of the cluster's VMs (default 500)")
     parser.add_argument("--relist-seconds", type=float, default=60.0,
                         help="how often the domain list is read in full, to repair missed events")
     parser.add_argument("--allowed-network", action="append", dest="allowed_networks",
@@ -160,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     tuning = Tuning(workers=args.workers, resync_seconds=args.resync_seconds, heartbeat_seconds=args.heartbeat_seconds,
                     lease_seconds=args.lease_seconds,
-                    libvirt_call_timeout_seconds=args.libvirt_call_timeout_seconds)
+                    libvirt_call_timeout_seconds=args.libvirt_call_timeout_seconds,
+                    list_chunk_size=args.list_chunk_size)
 
     def make_agent() -> Agent:
         host = Host(settings.libvirt_uri, workers=tuning.workers + HOST_SPARE_THREADS,
