@@ -34,8 +34,9 @@ class Tuning:
     libvirt_call_timeout_seconds: float = 30.0
     """No libvirt call is waited for longer: past it libvirt counts as not responding (libvirt_health.py)."""
     list_chunk_size: int = 500
-    """Objects per page when a watch (re)starts with a list. Read in one page, the 10,000 VMs of a restart were all
-    in memory at once, and the holes they left kept the agent at 415 MiB instead of 250 (bench one-agent-test)."""
+    """Objects per page in the agent's lists of the cluster's objects: kopf's, when a watch (re)starts, and its own. Read
+    in one page, the 10,000 VMs of a restart were all in memory at once, and the holes they left kept the agent at
+    415 MiB instead of 250 (bench one-agent-test)."""
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease-seconds", type=int, default=tuning.lease_seconds,
                         help="how long without a renewal before other agents count this one as gone (default 40)")
     parser.add_argument("--list-chunk-size", type=int, default=tuning.list_chunk_size,
-                        help="objects per page when a watch starts with a list of the cluster's VMs (default 500)")
+                        help="objects per page when the agent lists the cluster's VMs, nodes and requests (default 500)")
     parser.add_argument("--relist-seconds", type=float, default=60.0,
                         help="how often the domain list is read in full, to repair missed events")
     parser.add_argument("--allowed-network", action="append", dest="allowed_networks",
@@ -168,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
     def make_agent() -> Agent:
         host = Host(settings.libvirt_uri, workers=tuning.workers + HOST_SPARE_THREADS,
                     call_timeout=tuning.libvirt_call_timeout_seconds)
-        kube = KubeClient.from_environment("libvirt-operator", settings.node_name, args.kubeconfig and str(args.kubeconfig))
+        kube = KubeClient.from_environment("libvirt-operator", settings.node_name, args.kubeconfig and str(args.kubeconfig),
+                                           page_size=tuning.list_chunk_size)
         agent = Agent(settings, kube, host, DomainCache(host, relist_interval=args.relist_seconds), tuning)
         if args.metrics_port:
             metrics.serve(agent.readings, args.metrics_port)
