@@ -53,7 +53,6 @@ def measure(bench: Bench, agents: list[tuple[str, AgentProcess, int]], window: f
                   f"resync and relist every {RESYNC_SECONDS}s; should not grow with N")
         bench.add(scenario, f"reconciles_per_minute {label} N={n}", (after.reconciles - before.reconciles) * per_minute,
                   "reconciles/min")
-        agent_vm_writes = sum(v for k, v in diff(after.kube_writes, before.kube_writes).items()
-                              if not k[1].startswith("libvirtnodes"))
+        agent_vm_writes = sum(v for k, v in diff(after.kube_writes, before.kube_writes).items() if k[1] in VM_RESOURCES)
         bench.add(scenario, f"agent_counted_vm_writes_per_minute {label} N={n}", agent_vm_writes * per_minute,
                   "writes/min", "the agent's own write counter")
