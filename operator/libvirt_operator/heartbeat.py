@@ -17,12 +17,12 @@ from kubernetes.client.exceptions import ApiException
 
 from libvirt_operator import allowlist, nodes, placement
 from libvirt_operator.domains import DomainCache
-from libvirt_operator.vm_status import condition_of
 from libvirt_operator.election import Election
 from libvirt_operator.host import Host, HostCapacity, HostUnavailable
 from libvirt_operator.kube import KubeClient, now_iso
 from libvirt_operator.migration import LIVE_STATES, TARGET_INCOMPATIBLE
 from libvirt_operator.model import AgentSettings, Tuning
+from libvirt_operator.vm_status import condition_of
 
 log = logging.getLogger(__name__)
 

@@ -145,7 +145,7 @@ class KubeClient:
         token = None
         while True:
             page = await asyncio.to_thread(self.custom.list_cluster_custom_object, API_GROUP, API_VERSION, plural,
-                                           limit=self.page_size, **({"_continue": token} if token else {}))
+                                           limit=self.page_size, _continue=token)
             yield page.get("items", [])
             token = page.get("metadata", {}).get("continue")
             if not token:

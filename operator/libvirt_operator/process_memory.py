@@ -2,8 +2,9 @@
 
 glibc gives threads that allocate their own arenas (up to 8 per core) and keeps what is freed: with the libvirt
 worker threads an agent on the test driver grew by 120 KiB of RSS per VM, by 90 KiB with 2 arenas. After a burst
-(a restart's first listing of 10,000 domains and as many watch events) RSS stayed at the burst's height, 422 MiB
-against 256 before the restart, unless the free pages are handed back. Elsewhere than glibc: nothing is done.
+(a restart's first listing of 10,000 domains and as many watch events) the free pages handed back took RSS from 422
+to 411 MiB; the rest was Python's own heap, which only smaller bursts keep small (the lists in pages, Tuning's
+list_chunk_size). Elsewhere than glibc: nothing is done.
 """
 
 from __future__ import annotations

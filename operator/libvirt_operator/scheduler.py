@@ -21,8 +21,8 @@ from kubernetes.client.exceptions import ApiException
 from libvirt_operator import nodes, placement, reconcile
 from libvirt_operator.kube import FINALIZER, KubeClient
 from libvirt_operator.nodes import Fleet
-from libvirt_operator.vm_status import condition_of
 from libvirt_operator.spec import EmptyDiskSource, HttpSource, ImageSource, SpecError, VMSpec, parse_spec
+from libvirt_operator.vm_status import condition_of
 
 log = logging.getLogger(__name__)
 
